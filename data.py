@@ -1,0 +1,319 @@
+"""
+Data for FLASH (arXiv 2503.00276): reading the ≤16 example videos, sampling training clips, the strong
+augmentation of the Motion Alignment Module (Sec. 3.2 / A3.2), the distortions used to train the Detail
+Enhancement Decoder (Sec. 3.3 / A3.2), and a synthetic "jumping disc" action for the embedded demo.
+Colour ops follow torchvision's ColorJitter semantics on [0,1] images; everything is plain torch, seeded by
+an explicit torch.Generator, with one random draw per clip unless stated otherwise.
+"""
+import math, re, warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageSequence
+import imageio.v3 as iio
+
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
+FRAME_EXTS = (".png", ".jpg", ".jpeg")
+DEFAULT_FPS = 8.0  # when a container or a frame folder has no frame rate (AnimateDiff's default)
+
+# -----------------------------------------------------------------------------
+# video I/O
+
+def read_video(path, short_side=None):
+    """-> (frames uint8 (T,H,W,3), fps). Containers via imageio-ffmpeg, gif and frame folders via Pillow.
+    short_side: downscale (never upscale) each frame so its short side is at most this, keeping aspect."""
+    path = Path(path)
+    def resize(f):
+        h, w = f.shape[:2]
+        if short_side is None or min(h, w) <= short_side: return f
+        s = short_side / min(h, w)
+        return np.asarray(Image.fromarray(f).resize((round(w * s), round(h * s)), Image.LANCZOS))
+    try:
+        if path.is_dir():  # numbered frames, sorted by the last number in the name
+            files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTS),
+                           key=lambda p: ([int(n) for n in re.findall(r"\d+", p.stem)][-1:], p.name))
+            frames = [resize(np.asarray(Image.open(p).convert("RGB"))) for p in files]
+            fps = DEFAULT_FPS
+        elif path.suffix.lower() == ".gif":
+            with Image.open(path) as im:
+                frames, ms = [], []
+                for f in ImageSequence.Iterator(im):
+                    frames.append(resize(np.asarray(f.convert("RGB"))))
+                    ms.append(f.info.get("duration") or 0)
+            fps = 1000.0 / np.mean(ms) if np.mean(ms) > 0 else DEFAULT_FPS
+        else:
+            fps = float(iio.immeta(path, plugin="FFMPEG").get("fps") or DEFAULT_FPS)
+            frames = [resize(f) for f in iio.imiter(path, plugin="FFMPEG")]  # always rgb24 uint8
+        if not frames: raise ValueError("no frames")
+        if len({f.shape for f in frames}) > 1: raise ValueError("frames differ in size")
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read video: {e}") from e
+    return np.stack(frames), float(fps)
+
+def write_video(frames, path, fps=8.0):
+    """frames: uint8 (F,H,W,3) array, or a float tensor (F,3,H,W) in [-1,1]. .gif / .mp4 etc. / folder of PNGs."""
+    if torch.is_tensor(frames): frames = to_uint8(frames)
+    path = Path(path)
+    if path.suffix == "":
+        path.mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(frames): Image.fromarray(f).save(path / f"{i:05d}.png")
+    elif path.suffix.lower() == ".gif":  # imageio v3: duration in ms (fps= raises)
+        iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
+    else:  # H.264 + yuv420p plays in browsers; yuv420p needs even sizes
+        iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
+                    macro_block_size=2)
+
+def to_uint8(clip):
+    """(F,3,H,W) in [-1,1] -> uint8 (F,H,W,3)"""
+    return ((clip.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+@dataclass
+class Video:
+    path: str
+    frames: np.ndarray = field(repr=False)  # uint8 (T,H,W,3)
+    fps: float
+    caption: str
+
+def load_videos(folder, prompt, frames=16, stride=1, short_side=None):
+    """Every video file (VIDEO_EXTS) and every sub-folder of png/jpg frames in `folder`, decoded once.
+    Caption: a sidecar `<name>.txt` next to the video overrides `prompt`.
+    stride: a clip takes every stride-th *source* frame (no fps resampling), so it spans 1+(frames-1)*stride
+    source frames and plays at fps/stride. Videos shorter than that are skipped with a warning; if all are
+    skipped, or any video cannot be read, a ValueError names the folder / the file."""
+    folder = Path(folder)
+    if not folder.is_dir(): raise ValueError(f"{folder}: video folder does not exist")
+    need = 1 + (frames - 1) * stride
+    entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and (
+        p.suffix.lower() in VIDEO_EXTS if p.is_file() else any(q.suffix.lower() in FRAME_EXTS for q in p.iterdir()))]
+    if not entries:
+        raise ValueError(f"{folder}: no videos found (accepted: {', '.join(VIDEO_EXTS)} files, "
+                         f"or sub-folders of numbered {', '.join(FRAME_EXTS)} frames)")
+    videos = []
+    for p in entries:
+        arr, fps = read_video(p, short_side)
+        if len(arr) < need:
+            warnings.warn(f"{p}: only {len(arr)} frames, a clip needs {need} "
+                          f"(frames={frames}, stride={stride}); skipped")
+            continue
+        txt = p.with_suffix(".txt") if p.is_file() else p.parent / (p.name + ".txt")
+        caption = txt.read_text().strip() if txt.is_file() else ""
+        caption = caption or prompt or ""
+        if not caption: raise ValueError(f"{p}: no caption (pass a prompt or add {txt.name})")
+        videos.append(Video(str(p), arr, fps, caption))
+    if not videos: raise ValueError(f"{folder}: all {len(entries)} videos are shorter than {need} frames")
+    print(f"load_videos: {folder}")
+    for v in videos:
+        T, H, W, _ = v.frames.shape
+        print(f"  {Path(v.path).name:<28} {T:5d} frames {v.fps:6.2f} fps {W}x{H}  '{v.caption}'")
+    lo, hi = min(v.fps for v in videos), max(v.fps for v in videos)
+    print(f"  total: {len(videos)} videos, {sum(len(v.frames) for v in videos)} frames, fps {lo:.2f}-{hi:.2f}; "
+          f"clip = {frames} frames x stride {stride} = {need} source frames ({lo / stride:.2f}-{hi / stride:.2f} fps)")
+    return videos
+
+# -----------------------------------------------------------------------------
+# clip sampling: random start, flip, aspect-preserving crop, antialiased resize
+
+def _rand(g, lo=0.0, hi=1.0, shape=()):
+    return lo + (hi - lo) * torch.rand(shape, generator=g, device=g.device)
+
+def _randint(g, lo, hi):  # integer in [lo, hi)
+    return int(torch.randint(lo, hi, (1,), generator=g, device=g.device))
+
+def sample_clip(video, frames, stride, height, width, generator, scale=(0.8, 1.0)):
+    """-> (F,3,height,width) float in [-1,1]. Crops the largest box of the target aspect ratio times a scale in
+    `scale`, at a random place, then resizes: never stretches. Horizontal flip with p=0.5."""
+    arr = video.frames if isinstance(video, Video) else video
+    T, H, W, _ = arr.shape
+    need = 1 + (frames - 1) * stride
+    if T < need: raise ValueError(f"video has {T} frames, a clip needs {need}")
+    start = _randint(generator, 0, T - need + 1)
+    flip = bool(_rand(generator) < 0.5)
+    ch, cw = (H, H * width / height) if W * height >= H * width else (W * height / width, W)  # max crop
+    s = float(_rand(generator, *scale))
+    ch, cw = max(1, min(H, round(ch * s))), max(1, min(W, round(cw * s)))
+    y0, x0 = _randint(generator, 0, H - ch + 1), _randint(generator, 0, W - cw + 1)
+    x = torch.from_numpy(arr[start:start + need:stride, y0:y0 + ch, x0:x0 + cw]).permute(0, 3, 1, 2).float()
+    if flip: x = x.flip(-1)
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return (x / 127.5 - 1).clamp(-1, 1)
+
+# -----------------------------------------------------------------------------
+# primitives: Gaussian blur, torchvision-style colour jitter on [0,1] images (..., 3, H, W)
+
+def gaussian_kernel(k, sigma):
+    t = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+    w = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    return w / w.sum()
+
+def gaussian_blur(x, k, sigma):
+    """separable k x k Gaussian blur with reflect padding, on (..., H, W)"""
+    if k <= 1 or sigma <= 0: return x
+    w, p, shape = gaussian_kernel(k, sigma).to(x), k // 2, x.shape
+    y = x.reshape(-1, 1, *shape[-2:])  # (N C) 1 H W
+    y = F.conv2d(F.pad(y, (p, p, 0, 0), mode="reflect"), w.view(1, 1, 1, k))
+    y = F.conv2d(F.pad(y, (0, 0, p, p), mode="reflect"), w.view(1, 1, k, 1))
+    return y.reshape(shape)
+
+def grayscale(x):
+    r, g, b = x.unbind(-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)  # torchvision's weights (ITU-R 601)
+
+# factors may be floats or tensors broadcastable to (..., 1, H, W) (regional jitter); contrast always blends
+# with the mean grey of the whole image (torchvision), also when its factor varies by region
+def adjust_brightness(x, f): return (f * x).clamp(0, 1)  # blend with black
+def adjust_contrast(x, f): return (f * x + (1 - f) * grayscale(x).mean((-3, -2, -1), keepdim=True)).clamp(0, 1)
+def adjust_saturation(x, f): return (f * x + (1 - f) * grayscale(x)).clamp(0, 1)
+
+def adjust_hue(x, h):
+    hsv = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.cat([(hsv[..., :1, :, :] + h) % 1.0, hsv[..., 1:, :, :]], -3))
+
+def rgb_to_hsv(x):
+    r, g, b = x.unbind(-3)
+    v, mn = x.amax(-3), x.amin(-3)
+    c = v - mn
+    s = torch.where(v > 0, c / v.clamp_min(1e-12), torch.zeros_like(v))
+    cz = c.clamp_min(1e-12)
+    h = torch.where(v == r, (g - b) / cz, torch.where(v == g, 2 + (b - r) / cz, 4 + (r - g) / cz))
+    h = torch.where(c > 0, (h / 6) % 1.0, torch.zeros_like(h))
+    return torch.stack([h, s, v], -3)
+
+def hsv_to_rgb(x):
+    h, s, v = x.unbind(-3)
+    k = lambda n: (n + 6 * h) % 6  # f(n) = v - v s clamp(min(k, 4 - k), 0, 1), n = 5, 3, 1 for r, g, b
+    return torch.stack([v - v * s * torch.minimum(k(n), 4 - k(n)).clamp(0, 1) for n in (5, 3, 1)], -3)
+
+def color_jitter(x, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, order=(0, 1, 2, 3)):
+    """x in [0,1]; the four adjustments in `order` (0 brightness, 1 contrast, 2 saturation, 3 hue)"""
+    ops = (lambda y: adjust_brightness(y, brightness), lambda y: adjust_contrast(y, contrast),
+           lambda y: adjust_saturation(y, saturation), lambda y: adjust_hue(y, hue))
+    for i in order: x = ops[int(i)](x)
+    return x
+
+def elastic_transform(x, alpha, generator, sigma=5.0):
+    """x (N,C,H,W); an independent uniform random displacement field per image, Gaussian-smoothed (sigma px, as
+    torchvision) and scaled so its peak is `alpha` pixels (torchvision instead scales by alpha/H, which makes
+    alpha=20 a ~0.3 px shift); bilinear resampling, reflection at the borders. alpha=0 is the identity."""
+    N, _, H, W = x.shape
+    d = _rand(generator, -1, 1, (N, 2, H, W)).to(x)
+    d = gaussian_blur(d, min(2 * round(3 * sigma) + 1, 2 * (min(H, W) // 2) - 1), sigma)
+    d = d / d.abs().amax((-2, -1), keepdim=True).clamp_min(1e-8) * alpha  # pixels, peak = alpha
+    ys = torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device).view(1, H, 1).expand(N, H, W)
+    xs = torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device).view(1, 1, W).expand(N, H, W)
+    grid = torch.stack([xs + d[:, 0] * 2 / W, ys + d[:, 1] * 2 / H], -1)  # N H W 2, pixel centres + offsets
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+# -----------------------------------------------------------------------------
+# FLASH Sec. 3.2: strong augmentation (new appearance, same motion), one draw per clip
+
+def strong_augment(clip, generator, return_params=False):
+    """clip (F,3,H,W) in [-1,1]: Gaussian blur (odd kernel in {3,5,7,9}, sigma in [0.1,2]) then colour jitter
+    (brightness/contrast/saturation in [0.5,1.5], hue in [-0.25,0.25], random order), identical for every frame."""
+    g = generator
+    p = dict(kernel=2 * _randint(g, 0, 4) + 3, sigma=float(_rand(g, 0.1, 2.0)),
+             brightness=float(_rand(g, 0.5, 1.5)), contrast=float(_rand(g, 0.5, 1.5)),
+             saturation=float(_rand(g, 0.5, 1.5)), hue=float(_rand(g, -0.25, 0.25)),
+             order=torch.randperm(4, generator=g, device=g.device).tolist())
+    x = gaussian_blur((clip + 1) / 2, p["kernel"], p["sigma"])
+    x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"], p["hue"], p["order"]) * 2 - 1
+    return (x, p) if return_params else x
+
+# -----------------------------------------------------------------------------
+# FLASH Sec. 3.3: distortions for the Detail Enhancement Decoder. Unlike Sec. 3.2 they are inconsistent:
+# regions and jitter are drawn independently per frame and per region, elastic fields per frame.
+
+def decoder_distort(clip, generator, p_none=0.2, grid=4, region_frac=0.8, alpha_range=(1.0, 20.0),
+                    return_params=False):
+    """clip (F,3,H,W) in [-1,1]. With prob p_none unchanged; otherwise a random non-empty subset of
+    blur (odd kernel in [3,10], sigma in [0.1,2]); colour jitter (b/c/s in [0.7,1.3], hue in [-0.2,0.2]) on
+    round(region_frac*grid^2) randomly chosen cells of a grid x grid split of each frame, an independent draw
+    per frame and cell; elastic transform with peak displacement alpha ~ U(alpha_range) pixels."""
+    g, (Fn, _, H, W) = generator, clip.shape
+    p = dict(ops=[])
+    if float(_rand(g)) < p_none: return (clip, p) if return_params else clip
+    p["ops"] = [op for op in ("blur", "jitter", "elastic") if float(_rand(g)) < 0.5]
+    p["ops"] = p["ops"] or [("blur", "jitter", "elastic")[_randint(g, 0, 3)]]
+    x = (clip + 1) / 2
+    if "blur" in p["ops"]:
+        p.update(kernel=2 * _randint(g, 0, 4) + 3, sigma=float(_rand(g, 0.1, 2.0)))
+        x = gaussian_blur(x, p["kernel"], p["sigma"])
+    if "jitter" in p["ops"]:
+        n = round(region_frac * grid * grid)
+        mask = torch.stack([torch.randperm(grid * grid, generator=g, device=g.device) < n for _ in range(Fn)])
+        mask = mask.view(Fn, grid, grid).cpu()  # (F, g, g) selected cells
+        p.update(grid=grid, regions=mask, order=torch.randperm(4, generator=g, device=g.device).tolist())
+        for name, lo, hi, off in (("brightness", 0.7, 1.3, 1.0), ("contrast", 0.7, 1.3, 1.0),
+                                  ("saturation", 0.7, 1.3, 1.0), ("hue", -0.2, 0.2, 0.0)):
+            p[name] = torch.where(mask, _rand(g, lo, hi, (Fn, grid, grid)).cpu(), torch.tensor(off))
+        up = lambda t: F.interpolate(t.view(Fn, 1, grid, grid).to(x), size=(H, W), mode="nearest")  # F 1 H W
+        x = color_jitter(x, *(up(p[k]) for k in ("brightness", "contrast", "saturation", "hue")), p["order"])
+    if "elastic" in p["ops"]:
+        p["alpha"] = float(_rand(g, *alpha_range))
+        x = elastic_transform(x, p["alpha"], g)
+    x = x * 2 - 1
+    return (x, p) if return_params else x
+
+# -----------------------------------------------------------------------------
+# synthetic demo action: a disc jumps up and lands further right (an arc), on a plain or two-tone background.
+# Training clips and test references draw appearance and start position from DISJOINT ranges:
+#   object hue: train [0.00,0.12] (red/orange)  refs [0.30,0.45] (green)
+#   background hue: train [0.55,0.70] (blue)    refs [0.75,0.92] (purple)
+#   start x / size: train [0.12,0.28]           refs [0.34,0.44]      (start y / size [0.62,0.76] for both)
+DEMO_TRAIN = dict(hue=(0.0, 0.12), bg_hue=(0.55, 0.70), x=(0.12, 0.28), y=(0.62, 0.76))
+DEMO_REF = dict(hue=(0.30, 0.45), bg_hue=(0.75, 0.92), x=(0.34, 0.44), y=(0.62, 0.76))
+DEMO_RADIUS, DEMO_DX, DEMO_JUMP = 0.1, 0.3, 0.3  # fractions of the frame size
+
+def demo_trajectory(start, frames=16, size=64):
+    """expected centroid (F,2) as (x, y) pixels: moves DEMO_DX*size right while jumping DEMO_JUMP*size up and down"""
+    u = torch.linspace(0, 1, frames)
+    x0, y0 = float(start[0]), float(start[1])
+    return torch.stack([x0 + DEMO_DX * size * u, y0 - DEMO_JUMP * size * torch.sin(math.pi * u)], -1)
+
+def _hsv(h, s, v): return hsv_to_rgb(torch.tensor([h, s, v]).view(3, 1, 1)).view(3)
+
+def _demo_sample(g, r, frames, size):
+    u = lambda lo_hi: float(_rand(g, *lo_hi))
+    obj = _hsv(u(r["hue"]), u((0.7, 0.9)), u((0.85, 1.0)))
+    hb, sb, vb = u(r["bg_hue"]), u((0.2, 0.5)), u((0.15, 0.35))
+    bg1 = _hsv(hb, sb, vb)
+    bg2 = _hsv(hb, sb, vb + u((0.05, 0.1))) if float(_rand(g)) < 0.5 else bg1  # two-tone: a lighter band
+    split = round(u((0.3, 0.7)) * size)
+    start = torch.tensor([u(r["x"]) * size, u(r["y"]) * size])
+    traj = demo_trajectory(start, frames, size)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    bg = torch.where(yy < split, bg1.view(3, 1, 1), bg2.view(3, 1, 1))  # 3 S S
+    dist = ((xx - traj[:, 0, None, None]) ** 2 + (yy - traj[:, 1, None, None]) ** 2).sqrt()  # F S S
+    a = (DEMO_RADIUS * size + 0.5 - dist).clamp(0, 1).unsqueeze(1)  # antialiased disc coverage, F 1 S S
+    return (bg * (1 - a) + obj.view(3, 1, 1) * a) * 2 - 1, traj
+
+def make_demo_clips(n, frames=16, size=64, seed=0):
+    """-> (clips: list of (F,3,size,size) in [-1,1], trajectories: list of (F,2) ground-truth centroids)"""
+    g = torch.Generator().manual_seed(seed)
+    out = [_demo_sample(g, DEMO_TRAIN, frames, size) for _ in range(n)]
+    return [c for c, _ in out], [t for _, t in out]
+
+def make_demo_references(n, size=64, seed=1000):
+    """-> (images: list of (3,size,size) in [-1,1], starts: list of (2,) (x, y) pixels), unseen appearances"""
+    g = torch.Generator().manual_seed(seed)
+    out = [_demo_sample(g, DEMO_REF, 1, size) for _ in range(n)]
+    return [c[0] for c, _ in out], [t[0] for _, t in out]
+
+def centroid_track(video, background=None, threshold=0.5):
+    """video (F,3,H,W) in [-1,1] -> (F,2) (x, y) centroid of pixels whose max channel difference from the
+    background exceeds `threshold` (NaN where none). background: (3,) colour, (3,H,W) image, or None = the
+    per-channel median of the first frame's 2-pixel border."""
+    video = video.float()
+    if background is None:
+        f = video[0]
+        border = [f[:, :2], f[:, -2:], f[:, :, :2], f[:, :, -2:]]
+        background = torch.cat([b.flatten(1) for b in border], 1).median(1).values
+    bg = background.to(video)
+    bg = bg.view(1, *bg.shape) if bg.dim() == 3 else bg.view(1, 3, 1, 1)
+    m = ((video - bg).abs().amax(1) > threshold).float()  # F H W
+    H, W = m.shape[-2:]
+    n = m.sum((1, 2))
+    cx = (m * torch.arange(W).to(m)).sum((1, 2)) / n
+    cy = (m * torch.arange(H).to(m).view(H, 1)).sum((1, 2)) / n
+    return torch.stack([cx, cy], -1)  # n = 0 gives NaN
