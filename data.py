@@ -121,15 +121,15 @@ def _rand(g, lo=0.0, hi=1.0, shape=()):
 def _randint(g, lo, hi):  # integer in [lo, hi)
     return int(torch.randint(lo, hi, (1,), generator=g, device=g.device))
 
-def sample_clip(video, frames, stride, height, width, generator, scale=(0.8, 1.0)):
+def sample_clip(video, frames, stride, height, width, generator, scale=(0.8, 1.0), flip=True):
     """-> (F,3,height,width) float in [-1,1]. Crops the largest box of the target aspect ratio times a scale in
-    `scale`, at a random place, then resizes: never stretches. Horizontal flip with p=0.5."""
+    `scale`, at a random place, then resizes: never stretches. Horizontal flip with p=0.5 when `flip`."""
     arr = video.frames if isinstance(video, Video) else video
     T, H, W, _ = arr.shape
     need = 1 + (frames - 1) * stride
     if T < need: raise ValueError(f"video has {T} frames, a clip needs {need}")
     start = _randint(generator, 0, T - need + 1)
-    flip = bool(_rand(generator) < 0.5)
+    flip = bool(_rand(generator) < 0.5) and flip  # drawn either way: the same random stream
     ch, cw = (H, H * width / height) if W * height >= H * width else (W * height / width, W)  # max crop
     s = float(_rand(generator, *scale))
     ch, cw = max(1, min(H, round(ch * s))), max(1, min(W, round(cw * s)))

@@ -28,6 +28,8 @@ def get_parser():
     p.add_argument("--prompt", help="caption of the action (a name.txt beside a video overrides it)")
     p.add_argument("--frames", type=int, default=16, help="frames per training clip")
     p.add_argument("--stride", type=int, default=1, help="take every stride-th source frame (clip fps = fps/stride)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no random horizontal flip (for actions whose direction matters)")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     # Model
@@ -219,7 +221,7 @@ def train(args, pipe, videos, embeds, log=print):
     t0, peak = time.time(), 0.0
     for step in bar:
         vi = torch.randint(len(videos), (), generator=gen).item()
-        clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen)
+        clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip)
         if stage == "unet":
             clips = [clip, strong_augment(clip, gen)] if args.strong_aug else [clip]
             x = torch.stack(clips).to(dev, torch.float32)  # B F 3 H W
@@ -308,8 +310,10 @@ def check_args(p, args):
         p.error("--decoder-frames must be between 1 and --frames")
     if args.sample_image and not os.path.isfile(args.sample_image):
         raise FileNotFoundError(f"--sample-image not found: {args.sample_image}")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):  # created only once training starts: a failed start leaves nothing behind
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
         raise PermissionError(f"output folder not writable: {args.out}")
 
 
@@ -332,9 +336,10 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
     pipe = load_pipeline(args.base, args.motion_module if args.stage == "unet" else None, device=args.device,
                          dtype=dtype)
-    if args.stage == "decoder":  # the SD VAE plus fresh (zero-fused) detail-enhancement branches
+    if args.stage == "decoder":  # the SD VAE plus fresh (zero-fused) detail-enhancement branches, alone on the GPU
         from vae import load_vae
         pipe.vae = load_vae(args.base, detail=True).to(args.device)
+        pipe.unet.to("cpu"), pipe.text_encoder.to("cpu")
     embeds = None
     if args.stage == "unet":  # text embeddings once per caption, then the text encoder leaves the GPU
         embeds = [encode_prompt(pipe, [v.caption]).cpu() for v in videos]

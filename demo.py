@@ -1,0 +1,235 @@
+"""Embedded FLASH demo (arXiv 2503.00276): `python train.py --demo` learns a toy action on a CPU, no downloads.
+A miniature of the paper's setting: (1) the "pretrained base" (what SD-1.5 gives FLASH) is a tiny VAE and a tiny image
+U-Net trained briefly on single frames of EVERY appearance, plus a tiny random frozen text encoder; (2) FLASH Sec. 3.2
+(train.train, the full recipe) teaches zero-initialised motion modules "a disc jumps to the right" from N_CLIPS
+generated clips of restricted colours and positions; (3) sample.animate animates held-out references (colours,
+backgrounds, positions never seen in training); the disc's centroid track is scored against the trained motion.
+"""
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import train as T
+from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, byte_vocab
+from model import UNet, UNetConfig
+from sample import Pipeline, alphas_cumprod, animate, encode_prompt, save_pipeline, save_video, tqdm
+from vae import VAE, VAEConfig
+
+# ----------------------------------------------------------------------------- demo settings
+SIZE, FRAMES, FPS = 64, 16, 8
+PROMPT = "a disc jumps to the right"
+N_CLIPS, N_REFS, POOL = 16, 6, 1024  # training clips (FLASH: <= 16), held-out references, pretraining frames
+ALL = dict(hue=(0.0, 1.0), bg_hue=(0.0, 1.0), x=(0.1, 0.9), y=(0.1, 0.9))  # pretraining: any look, anywhere
+VAE_CFG = VAEConfig(block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=1)  # 64x64 -> 4x16x16
+TEXT_CFG = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2)
+UNET_CFG = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
+                      norm_num_groups=8, down_attention=(False, True), motion_max_len=32)  # v2-like: mid-block motion
+STEPS = dict(vae=400, unet=300, flash=200)  # full demo
+FAST = dict(vae=12, unet=12, flash=10)  # --demo-fast: the test suite's smoke run
+LR = dict(vae=2e-3, unet=1e-3, flash=1e-3)
+BATCH = dict(vae=16, unet=32)
+SAMPLING = dict(steps=25, guidance=7.5, adain=True)  # sample.py's defaults (FLASH A3.2)
+THREADS = 2  # tiny ops on a 2-core CPU: one thread is faster than two once anything else runs (measured)
+DISP, JUMP = data.DEMO_DX * SIZE, data.DEMO_JUMP * SIZE  # the trained motion: 19.2 px right, 19.2 px up and down
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def score(video, start):
+    """video (F,3,H,W) in [-1,1] -> errors in px of the disc's centroid track against data.demo_trajectory(start).
+    A frame where no disc is found counts as an error of the frame size. Performs the motion: endpoint error below
+    a third of the displacement and jump height within a third of the true one."""
+    gt = data.demo_trajectory(start, len(video), video.shape[-1])
+    track = data.centroid_track(video)
+    err = (track - gt).norm(dim=-1).nan_to_num(float(video.shape[-1]))[1:]  # frames 2..F
+    ys = track[:, 1][~track[:, 1].isnan()]
+    peak = (track[0, 1] - ys.min()).item() if len(ys) else 0.0
+    peak_err = abs(peak - (gt[0, 1] - gt[:, 1].min()).item())
+    return dict(mean_err=err.mean().item(), end_err=err[-1].item(), peak_err=peak_err,
+                performs=bool(err[-1] < DISP / 3 and peak_err < JUMP / 3))
+
+
+def summary(scores):
+    return dict(mean_err=float(np.mean([s["mean_err"] for s in scores])),
+                end_err=float(np.mean([s["end_err"] for s in scores])),
+                peak_err=float(np.mean([s["peak_err"] for s in scores])),
+                performs=float(np.mean([s["performs"] for s in scores])), per_reference=scores)
+
+
+def to_tensor(frames):  # uint8 (F,H,W,3) -> (F,3,H,W) in [-1,1]
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def contact_sheet(videos, path):
+    """rows = videos (uint8 (F,H,W,3)), columns = frames"""
+    Image.fromarray(np.concatenate([np.concatenate(list(v), axis=1) for v in videos], axis=0)).save(path)
+
+
+# ----------------------------------------------------------------------------- the "pretrained" base model
+
+def pretrain_vae(frames, steps, gen, dev):
+    """MSE + a tiny KL on random frames; the latent scale is set to 1/std, as SD's 0.18215 was."""
+    vae = VAE(replace(VAE_CFG)).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=LR["vae"], weight_decay=0.0)
+    losses = []
+    for _ in tqdm(range(steps), desc="pretrain VAE"):
+        x = frames[torch.randint(len(frames), (BATCH["vae"],), generator=gen)].to(dev)
+        mean, logvar = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen).to(dev)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+        loss = F.mse_loss(vae.decoder(vae.post_quant_conv(z)), x) + 1e-5 * kl
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    with torch.no_grad():
+        vae.config.scaling_factor = 1.0
+        vae.config.scaling_factor = 1.0 / vae.encode(frames[:256].to(dev), chunk=64).std().item()
+    return vae.eval().requires_grad_(False), losses
+
+
+def pretrain_unet(latents, ctx, steps, gen, dev):
+    """SD's role: an image U-Net (no motion modules) learns eps-prediction on single frames, caption dropped 10 %
+    (so classifier-free guidance has an unconditional branch); then the motion modules are inserted (AnimateDiff)."""
+    image_unet = UNet(replace(UNET_CFG, motion_modules=False)).to(dev)
+    opt = torch.optim.AdamW(image_unet.parameters(), lr=LR["unet"], weight_decay=0.0)
+    acp, losses = alphas_cumprod().to(dev), []
+    for _ in tqdm(range(steps), desc="pretrain U-Net"):
+        z0 = latents[torch.randint(len(latents), (BATCH["unet"],), generator=gen)].to(dev)[:, :, None]  # B 4 1 h w
+        t = torch.randint(len(acp), (len(z0),), generator=gen).to(dev)
+        noise = torch.randn(z0.shape, generator=gen).to(dev)
+        a = acp[t].view(-1, 1, 1, 1, 1)
+        drop = (torch.rand(len(z0), generator=gen) < 0.1).to(dev).view(-1, 1, 1)
+        loss = F.mse_loss(image_unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, torch.where(drop, ctx[0], ctx[1])),
+                          noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    unet = UNet(UNET_CFG).to(dev)
+    missing, unexpected = unet.load_state_dict(image_unet.state_dict(), strict=False)
+    assert not unexpected and all("motion_modules." in k for k in missing)
+    return unet.eval(), losses
+
+
+def zero_motion_modules(unet):
+    """AnimateDiff starts its motion modules as the identity: temporal_transformer.proj_out = 0."""
+    for name, p in unet.named_parameters():
+        if "temporal_transformer.proj_out." in name:
+            torch.nn.init.zeros_(p)
+
+
+# ----------------------------------------------------------------------------- FLASH stage + evaluation
+
+def flash_args(args, out, steps, align):
+    """train.py's arguments for the demo's FLASH stage; align=False is Table 2's variant #2 (strong aug only)."""
+    a = T.get_parser().parse_args([])
+    vars(a).update(stage="unet", steps=steps, lr=LR["flash"], frames=FRAMES, height=SIZE, width=SIZE, seed=args.seed,
+                   device=args.device, dtype="fp32", out=str(out), gradient_checkpointing=False, save_every=steps,
+                   keep=1, log_every=max(1, steps // 6), prompt=PROMPT, flip=False, motion_align=align,
+                   corr_align=align, base=str(out.parent / "pipeline"),
+                   motion_module=str(out.parent / "pipeline" / "motion_module.safetensors"))
+    return a
+
+
+def evaluate(pipe, refs, starts, seed, out, steps):
+    """animate every reference with sample.py's code path, save GIF + MP4, score each video and its static floor"""
+    out.mkdir(parents=True, exist_ok=True)
+    videos, scores, static = [], [], []
+    for i in tqdm(range(len(refs)), desc="animate"):
+        v = animate(pipe, refs[i], PROMPT, frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i, progress=False,
+                    **{**SAMPLING, "steps": steps})
+        save_video(v, out / f"ref{i}.gif", FPS)
+        save_video(v, out / f"ref{i}.mp4", FPS)
+        x = to_tensor(v)
+        videos.append(v)
+        scores.append(score(x, starts[i]))
+        static.append(score(x[:1].expand_as(x), starts[i]))  # floor: frame 1 repeated
+    return videos, summary(scores), summary(static)
+
+
+def main(args):
+    t_start = time.time()
+    log = lambda msg: print(f"[demo {time.time() - t_start:6.1f}s] {msg}", flush=True)
+    torch.set_num_threads(THREADS)
+    steps = FAST if args.demo_fast else STEPS
+    n_refs, sample_steps = (2, 4) if args.demo_fast else (N_REFS, SAMPLING["steps"])
+    out = Path("runs/demo" if args.out == "runs/flash" else args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    log(f"FLASH toy demo: seed {args.seed}, device {dev}, {torch.get_num_threads()} thread(s), output {out}/")
+
+    # data: generated clips of the action (restricted looks) and held-out references (unseen looks)
+    clips, _ = data.make_demo_clips(N_CLIPS, FRAMES, SIZE, seed=args.seed)
+    refs, starts = data.make_demo_references(n_refs, SIZE, seed=1000 + args.seed)
+    videos = [data.Video(f"demo/clip_{i:02d}", data.to_uint8(c), float(FPS), PROMPT) for i, c in enumerate(clips)]
+    pool = torch.cat([data._demo_sample(gen, ALL, 1, SIZE)[0] for _ in range(POOL)])
+    pool[::2] = torch.cat([data.strong_augment(f[None], gen) for f in pool[::2]])  # the looks FLASH's aug makes
+    log(f"data: {N_CLIPS} clips {FRAMES}x{SIZE}x{SIZE} '{PROMPT}', {n_refs} held-out references, {POOL} frames")
+
+    # (1) the base model FLASH starts from
+    tok = Tokenizer(*byte_vocab())
+    text_encoder = CLIPTextModel(TEXT_CFG).to(dev).eval().requires_grad_(False)
+    vae, vae_losses = pretrain_vae(pool, steps["vae"], gen, dev)
+    log(f"VAE: loss {np.mean(vae_losses[:5]):.4f} -> {np.mean(vae_losses[-5:]):.4f}, "
+        f"latent scale {vae.config.scaling_factor:.3f}")
+    pipe = Pipeline(None, vae, text_encoder, tok, dev, torch.float32, {"motion_version": "v2"})
+    ctx = encode_prompt(pipe, ["", PROMPT])
+    with torch.no_grad():
+        latents = vae.encode(pool.to(dev), chunk=64)
+    pipe.unet, unet_losses = pretrain_unet(latents, ctx, steps["unet"], gen, dev)
+    log(f"image U-Net: loss {np.mean(unet_losses[:5]):.4f} -> {np.mean(unet_losses[-5:]):.4f}")
+    zero_motion_modules(pipe.unet)
+    save_pipeline(pipe, out / "pipeline")
+    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ref_png = out / "reference.png"
+    Image.fromarray(data.to_uint8(refs[0][None])[0]).save(ref_png)
+
+    # (2) FLASH, and (3) animation of the held-out references; the ablation re-trains from the same base
+    embeds = [ctx[1:].cpu()] * len(videos)
+    variants = [("flash", True)] + ([("ablation", False)] if args.demo_ablation else [])
+    results, flash_history = {}, None
+    for name, align in variants:
+        pipe.unet.load_state_dict(base_state)
+        targs = flash_args(args, out / name, steps["flash"], align)
+        log(f"FLASH stage ({'strong aug + motion align + corr align' if align else 'strong aug only, no alignment'})")
+        history = T.train(targs, pipe, videos, embeds, log=log)
+        flash_history = flash_history or history
+        pipe.unet.eval()
+        gen_videos, scores, static = evaluate(pipe, refs, starts, args.seed, out / name, sample_steps)
+        contact_sheet([data.to_uint8(clips[0])] + gen_videos, out / f"{name}_contact_sheet.png")
+        results[name], results["static"] = scores, static
+        log(f"{name}: animated {len(refs)} references -> {out / name}/ref*.gif|mp4, {name}_contact_sheet.png "
+            f"(top row: a training clip)")
+
+    # report
+    rows = [("FLASH", "flash"), ("no alignment (#2)", "ablation"), ("static floor", "static")]
+    print(f"\nmotion score on {n_refs} held-out references (px; disc moves {DISP:.1f} px right, jumps {JUMP:.1f} px)")
+    print(f"{'':20s}{'mean err':>10s}{'end err':>10s}{'peak err':>10s}{'performs':>10s}")
+    for label, key in rows:
+        if key in results:
+            r = results[key]
+            print(f"{label:20s}{r['mean_err']:10.2f}{r['end_err']:10.2f}{r['peak_err']:10.2f}{r['performs']:10.0%}")
+    wall = time.time() - t_start
+    report = dict(seed=args.seed, wall_s=round(wall, 1), prompt=PROMPT, steps=steps, sampling=SAMPLING,
+                  n_clips=N_CLIPS, n_refs=n_refs, motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
+                  performs_rule="end_err < dx/3 and |peak - jump| < jump/3", **results)
+    (out / "scores.json").write_text(json.dumps(report, indent=2))
+    adain = "" if SAMPLING["adain"] else " --no-adain"
+    log(f"done in {wall:.0f}s: {out}/scores.json. Animate your own image with the demo model:\n"
+        f"python sample.py --base {out}/pipeline --motion-module {out}/pipeline/motion_module.safetensors "
+        f"--checkpoint {out}/flash --image {ref_png} --guidance {SAMPLING['guidance']}{adain} --seed 0 "
+        f"--out {out}/cli_sample.mp4")
+    return dict(report=report, vae_losses=vae_losses, unet_losses=unet_losses, flash_history=flash_history,
+                out=out)
