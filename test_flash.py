@@ -24,8 +24,11 @@ from model import UNet, UNetConfig
 from vae import DetailBlock, VAE, VAEConfig, load_vae, save_vae, warp
 import bench as B
 import data
+import demo
 import model as M
+import sample
 import sample as S
+import train
 import train as T
 
 @pytest.fixture(autouse=True)
@@ -1566,6 +1569,90 @@ def test_decoder_stage_beats_plain_decoder_on_held_out_clips(tiny):
             detail.append(torch.nn.functional.mse_loss(pipe.vae.decode(z, ref=ref), c).item())
     print(f"held-out MSE plain {np.mean(plain):.4f} detail {np.mean(detail):.4f}")
     assert np.mean(detail) < np.mean(plain), (detail, plain)
+
+
+# ====================================================================================================
+# demo.py: the embedded demo
+# ====================================================================================================
+
+# ----------------------------------------------------------------------------- scoring
+
+def test_score_perfect_video_performs_and_static_floor_does_not():
+    clips, trajs = data.make_demo_clips(4, seed=3)
+    refs, starts = data.make_demo_references(2, seed=7)
+    for clip, traj in zip(clips, trajs):
+        s = demo.score(clip, traj[0])
+        assert s["mean_err"] < 0.5 and s["end_err"] < 0.5 and s["peak_err"] < 0.5 and s["performs"]
+        static = demo.score(clip[:1].expand_as(clip), traj[0])
+        assert not static["performs"]
+        assert static["end_err"] == pytest.approx(demo.DISP, abs=0.5)  # the whole displacement is missed
+        assert static["peak_err"] == pytest.approx(demo.JUMP, abs=0.5)
+        assert static["mean_err"] > 10
+    backwards = demo.score(clips[0].flip(0), trajs[0][0])  # the motion run backwards does not count
+    assert not backwards["performs"]
+
+
+def test_score_counts_a_lost_disc_as_the_frame_size():
+    clip, traj = data.make_demo_clips(1, seed=5)
+    empty = clip[0].clone()
+    empty[1:] = empty[1:, :, :1, :1]  # frames 2.. are the background colour of the corner: no disc found
+    s = demo.score(empty, traj[0][0])
+    assert s["end_err"] == 64.0 and not s["performs"]
+
+
+def test_summary_averages():
+    rows = [dict(mean_err=1.0, end_err=2.0, peak_err=3.0, performs=True),
+            dict(mean_err=3.0, end_err=4.0, peak_err=5.0, performs=False)]
+    s = demo.summary(rows)
+    assert (s["mean_err"], s["end_err"], s["peak_err"], s["performs"]) == (2.0, 3.0, 4.0, 0.5)
+
+
+# ----------------------------------------------------------------------------- fast end-to-end run
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    args = train.get_parser().parse_args(["--demo", "--demo-fast", "--device", "cpu", "--out", str(out)])
+    return demo.main(args)
+
+
+def test_fast_demo_writes_videos_sheet_and_scores(fast_run):
+    out, n = fast_run["out"], fast_run["report"]["n_refs"]
+    for i in range(n):
+        for ext in ("gif", "mp4"):
+            frames, fps = data.read_video(out / "flash" / f"ref{i}.{ext}")
+            assert frames.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3) and fps == pytest.approx(demo.FPS, rel=0.05)
+    with Image.open(out / "flash_contact_sheet.png") as sheet:  # a training clip, then one row per reference
+        assert sheet.size == (demo.FRAMES * demo.SIZE, (n + 1) * demo.SIZE)
+    report = json.loads((out / "scores.json").read_text())
+    for key in ("flash", "static"):
+        assert {"mean_err", "end_err", "peak_err", "performs", "per_reference"} <= set(report[key])
+        assert len(report[key]["per_reference"]) == n
+    assert report["static"]["performs"] == 0.0
+    assert (out / "reference.png").is_file() and (out / "flash" / "flash.safetensors").is_file()
+
+
+def test_fast_demo_losses_fall(fast_run):
+    first_last = lambda v, k=3: (np.mean(v[:k]), np.mean(v[-k:]))
+    for name in ("vae_losses", "unet_losses"):
+        first, last = first_last(fast_run[name])
+        assert last < first, (name, first, last)
+    # the FLASH loss is noisy (one random t per step): compare a fixed validation loss before and after instead
+    val = fast_run["flash_val_loss"]
+    assert val["after"] < val["before"], val
+
+
+def test_fast_demo_pipeline_reloads_through_sample_py(fast_run):
+    out = fast_run["out"]
+    pipe = sample.load_pipeline(out / "pipeline", out / "pipeline" / "motion_module.safetensors", [out / "flash"],
+                                device="cpu", verbose=False)
+    image = data.make_demo_references(1, seed=1000)[0][0]
+    video = sample.animate(pipe, image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
+                           height=demo.SIZE, width=demo.SIZE, progress=False)
+    assert video.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3) and video.dtype == np.uint8
+    again = sample.animate(fast_run["pipe"], image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
+                           height=demo.SIZE, width=demo.SIZE, progress=False)
+    assert np.abs(video.astype(int) - again.astype(int)).max() <= 1  # the saved files are the demo's model
 
 
 # ====================================================================================================
