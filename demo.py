@@ -265,16 +265,15 @@ def main(args):
     # (2) FLASH, and (3) animation of the held-out references; the ablation re-trains from the same base
     embeds = [ctx[1:].cpu()] * len(videos)
     variants = [("flash", True)] + ([("ablation", False)] if args.demo_ablation else [])
-    results, flash_history, val = {}, None, {}
+    results, val = {}, {"before": val_loss(pipe, videos, ctx[1:])}
     for name, align in variants:
         pipe.unet.load_state_dict(base_state)
-        val.setdefault("before", val_loss(pipe, videos, ctx[1:]))
         targs = flash_args(args, out / name, steps["flash"], align)
         log(f"FLASH stage ({'strong aug + motion align + corr align' if align else 'strong aug only, no alignment'})")
         history = T.train(targs, pipe, videos, embeds, log=log)
         pipe.unet.eval()
         val[name] = val_loss(pipe, videos, ctx[1:])
-        if flash_history is None:
+        if name == "flash":
             flash_history, flash_state = history, {k: v.clone() for k, v in pipe.unet.state_dict().items()}
         log(f"{name}: validation loss (4 training clips, t = 250/500/750) {val['before']:.4f} -> {val[name]:.4f}")
         gen_videos, scores, static = evaluate(pipe, refs, starts, args.seed, out / name, sample_steps)

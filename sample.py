@@ -229,8 +229,8 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     ctx = encode_prompt(pipe, [negative_prompt, prompt] if cfg else [prompt])  # once; CFG batch = [uncond; cond]
     z0 = vae.encode(img).float()[:, :, None]  # 1 4 1 h w: E(I), the posterior mean
     g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on every device
-    f = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
-    x = torch.randn((1, vae.config.latent_channels, frames, height // f, width // f), generator=g)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
+    x = torch.randn((1, vae.config.latent_channels, frames, height // down, width // down), generator=g)
     x[:, :, 1:] = shared_noise * x[:, :, :1] + (1 - shared_noise) * x[:, :, 1:]  # LAMP: n_f <- a n_0 + (1 - a) n_f
     x = x.to(dev)
     x[:, :, :1] = z0

@@ -26,9 +26,7 @@ import bench as B
 import data
 import demo
 import model as M
-import sample
 import sample as S
-import train
 import train as T
 
 @pytest.fixture(autouse=True)
@@ -1422,9 +1420,6 @@ def test_timestep_weights_favour_large_t():
 # ----------------------------------------------------------------------------- end to end, tiny pipeline
 
 def tiny_pipeline_dir(root, seed=0):
-    import sample as S
-    from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, byte_vocab
-    from vae import VAE, VAEConfig
     torch.manual_seed(seed)
     unet = M.UNet(M.UNetConfig(block_out_channels=(32, 32, 64, 64), attention_heads=2, cross_attention_dim=32,
                                norm_num_groups=8, motion_heads=2, motion_max_len=24))
@@ -1443,13 +1438,12 @@ def tiny_pipeline_dir(root, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import data as D
     root = tmp_path_factory.mktemp("train")
     tiny_pipeline_dir(root / "pipe")
-    clips, _ = D.make_demo_clips(3, frames=10, size=64, seed=0)
+    clips, _ = data.make_demo_clips(3, frames=10, size=64, seed=0)
     (root / "videos").mkdir()
     for i, c in enumerate(clips):
-        D.write_video(D.to_uint8(c), str(root / "videos" / f"clip{i}.mp4"), fps=8)
+        data.write_video(data.to_uint8(c), str(root / "videos" / f"clip{i}.mp4"), fps=8)
     (root / "videos" / "clip0.txt").write_text("a disc jumps to the right")
     return root
 
@@ -1461,8 +1455,6 @@ def train_argv(tiny, out, *extra):
 
 
 def test_train_end_to_end_resume_and_sample(tiny, capsys):
-    import sample as S
-    from safetensors.torch import load_file
     T.main(train_argv(tiny, tiny / "full", "--steps", "6", "--save-every", "3"))
     T.main(train_argv(tiny, tiny / "part", "--steps", "3", "--save-every", "3"))
     T.main(train_argv(tiny, tiny / "part", "--steps", "6", "--save-every", "3", "--resume", str(tiny / "part")))
@@ -1485,12 +1477,10 @@ def test_train_end_to_end_resume_and_sample(tiny, capsys):
 
 def test_train_loss_falls(tiny):
     hist = []
-    import sample as S
     args = T.get_parser().parse_args(train_argv(tiny, tiny / "fall", "--steps", "40", "--save-every", "1000",
                                                 "--timesteps", "uniform", "--log-every", "100"))
     T.check_args(T.get_parser(), args)
-    import data as D
-    videos = D.load_videos(args.videos, args.prompt, args.frames, args.stride)
+    videos = data.load_videos(args.videos, args.prompt, args.frames, args.stride)
     pipe = S.load_pipeline(args.base, args.motion_module, verbose=False)
     embeds = [S.encode_prompt(pipe, [v.caption]) for v in videos]
     hist = T.train(args, pipe, videos, embeds, log=lambda *a: None)
@@ -1500,21 +1490,17 @@ def test_train_loss_falls(tiny):
 
 
 def test_decoder_stage_trains_only_detail_branches(tiny):
-    from safetensors.torch import load_file
     T.main(["--stage", "decoder", "--videos", str(tiny / "videos"), "--prompt", "x", "--base", str(tiny / "pipe"),
             "--frames", "8", "--height", "64", "--width", "64", "--out", str(tiny / "dec"), "--steps", "2",
             "--decoder-frames", "3", "--log-every", "1"])
     sd = load_file(tiny / "dec" / "flash.safetensors")
     assert sd and all(k.startswith("vae.decoder.detail.") for k in sd)
-    import sample as S
     pipe = S.load_pipeline(tiny / "pipe", tiny / "pipe" / "motion_module.safetensors", verbose=False)
     S.apply_checkpoint(pipe, tiny / "dec")
     assert pipe.vae.config.detail
 
 
 def test_train_bad_input(tiny, tmp_path):
-    import subprocess
-    import sys
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.mp4").write_bytes(b"not a video at all")
@@ -1529,9 +1515,8 @@ def test_train_bad_input(tiny, tmp_path):
             os.path.abspath(T.__file__)))
         assert r.returncode != 0 and "Traceback" not in r.stderr and word in r.stderr.lower(), r.stderr
     # too-short video: the only video has 5 frames but 8 are asked for -> skipped with a warning, then an error
-    import data as D
     (tmp_path / "short").mkdir()
-    D.write_video(np.zeros((5, 64, 64, 3), np.uint8), str(tmp_path / "short" / "s.gif"), fps=8)
+    data.write_video(np.zeros((5, 64, 64, 3), np.uint8), str(tmp_path / "short" / "s.gif"), fps=8)
     argv = train_argv(tiny, tmp_path / "out2", "--steps", "1")
     argv[1] = str(tmp_path / "short")
     with pytest.warns(UserWarning, match="s.gif"), pytest.raises(ValueError):
@@ -1544,25 +1529,22 @@ def test_train_bad_input(tiny, tmp_path):
 
 def test_decoder_stage_beats_plain_decoder_on_held_out_clips(tiny):
     """Issue 5: on distorted inputs the trained branches reconstruct held-out clips better than the plain decoder."""
-    import data as D
-    import sample as S
     args = T.get_parser().parse_args(["--stage", "decoder", "--videos", str(tiny / "videos"), "--prompt", "x",
                                       "--base", str(tiny / "pipe"), "--frames", "8", "--height", "64", "--width",
                                       "64", "--out", str(tiny / "dec2"), "--steps", "40", "--lr", "2e-3",
                                       "--decoder-frames", "4", "--log-every", "100", "--save-every", "1000"])
     T.check_args(T.get_parser(), args)
-    videos = D.load_videos(args.videos, args.prompt, args.frames, args.stride)
+    videos = data.load_videos(args.videos, args.prompt, args.frames, args.stride)
     pipe = S.load_pipeline(args.base, verbose=False)
-    from vae import load_vae
     pipe.vae = load_vae(args.base, detail=True)
     hist = T.train(args, pipe, videos, None, log=lambda *a: None)
     assert np.mean([h["loss"] for h in hist[-10:]]) < np.mean([h["loss"] for h in hist[:10]])
-    clips, _ = D.make_demo_clips(3, frames=8, size=64, seed=123)  # held out: never trained on
+    clips, _ = data.make_demo_clips(3, frames=8, size=64, seed=123)  # held out: never trained on
     g = torch.Generator().manual_seed(0)
     plain, detail = [], []
     with torch.no_grad():
         for c in clips:
-            dis = D.decoder_distort(c, g, p_none=0.0)
+            dis = data.decoder_distort(c, g, p_none=0.0)
             z = pipe.vae.encode(dis)
             ref = pipe.vae.encoder_features(c[:1])
             plain.append(torch.nn.functional.mse_loss(pipe.vae.decode(z), c).item())
@@ -1612,7 +1594,7 @@ def test_summary_averages():
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    args = train.get_parser().parse_args(["--demo", "--demo-fast", "--device", "cpu", "--out", str(out)])
+    args = T.get_parser().parse_args(["--demo", "--demo-fast", "--device", "cpu", "--out", str(out)])
     return demo.main(args)
 
 
@@ -1644,13 +1626,13 @@ def test_fast_demo_losses_fall(fast_run):
 
 def test_fast_demo_pipeline_reloads_through_sample_py(fast_run):
     out = fast_run["out"]
-    pipe = sample.load_pipeline(out / "pipeline", out / "pipeline" / "motion_module.safetensors", [out / "flash"],
+    pipe = S.load_pipeline(out / "pipeline", out / "pipeline" / "motion_module.safetensors", [out / "flash"],
                                 device="cpu", verbose=False)
     image = data.make_demo_references(1, seed=1000)[0][0]
-    video = sample.animate(pipe, image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
+    video = S.animate(pipe, image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
                            height=demo.SIZE, width=demo.SIZE, progress=False)
     assert video.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3) and video.dtype == np.uint8
-    again = sample.animate(fast_run["pipe"], image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
+    again = S.animate(fast_run["pipe"], image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
                            height=demo.SIZE, width=demo.SIZE, progress=False)
     assert np.abs(video.astype(int) - again.astype(int)).max() <= 1  # the saved files are the demo's model
 
