@@ -1415,6 +1415,12 @@ def test_timestep_weights_favour_large_t():
     w = T.timestep_weights("cosine")
     assert w[0] == pytest.approx(0.5) and w[999] == pytest.approx(1.5, abs=1e-4) and (w[1:] >= w[:-1]).all()
     assert (T.timestep_weights("uniform") == 1).all()
+    w1 = T.timestep_weights("cosine", alpha=1.0)  # ReVersion's strongest setting: p(0) = 0, p(T) = 2 p(T/2)
+    assert w1[0] == 0 and w1[500] == pytest.approx(1.0) and w1[999] == pytest.approx(2.0, abs=1e-4)
+    assert (T.timestep_weights("cosine", alpha=0.0) == 1).all()
+    with pytest.raises(SystemExit):
+        T.check_args(T.get_parser(), T.get_parser().parse_args(["--videos", "v", "--base", "b", "--motion-module",
+                                                                 "m", "--timestep-alpha", "1.5"]))
 
 
 # ----------------------------------------------------------------------------- end to end, tiny pipeline

@@ -44,7 +44,9 @@ def get_parser():
     p.add_argument("--tau", type=float, default=90.0, help="motion channels = top (100-tau)%% by temporal std")
     p.add_argument("--corr-prob", type=float, default=0.5, help="share of cross-frame layers aligned per step")
     p.add_argument("--timesteps", choices=["cosine", "uniform"], default="cosine",
-                   help="cosine: p(t) ∝ 1 - 0.5 cos(pi t/T), favouring large t (ReVersion)")
+                   help="cosine: p(t) ∝ 1 - alpha cos(pi t/T), favouring large t (ReVersion)")
+    p.add_argument("--timestep-alpha", type=float, default=0.5,
+                   help="alpha in [0, 1] of the cosine rule: 0 = uniform, 1 = strongest (p(0) = 0)")
     # Optimisation
     p.add_argument("--steps", type=int, help="default 20000 (unet) / 10000 (decoder)")
     p.add_argument("--lr", type=float, help="default 5e-5 (unet) / 1e-4 (decoder)")
@@ -81,9 +83,9 @@ def is_trainable(name, stage):
     return "motion_modules." in name or ".attn1.to_k." in name or ".attn1.to_v." in name
 
 
-def timestep_weights(kind, T=1000):
+def timestep_weights(kind, T=1000, alpha=0.5):
     t = torch.arange(T, dtype=torch.float64)
-    return 1 - 0.5 * torch.cos(math.pi * t / T) if kind == "cosine" else torch.ones(T, dtype=torch.float64)
+    return 1 - alpha * torch.cos(math.pi * t / T) if kind == "cosine" else torch.ones(T, dtype=torch.float64)
 
 
 def set_alignment(unet, motion_tau=None, corr_layers=()):
@@ -213,7 +215,7 @@ def train(args, pipe, videos, embeds, log=print):
     if stage == "unet":
         pipe.unet.config.gradient_checkpointing = args.gradient_checkpointing
         acp = alphas_cumprod().to(dev)
-        tw = timestep_weights(args.timesteps)
+        tw = timestep_weights(args.timesteps, alpha=args.timestep_alpha)
         layers = cross_frame_layers(pipe.unet)
     vae_dtype = next(pipe.vae.parameters()).dtype
     autocast = torch.autocast(dev.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
@@ -306,6 +308,8 @@ def check_args(p, args):
         p.error(f"--height/--width must be multiples of 8 (got {args.height}x{args.width})")
     if not args.strong_aug and (args.motion_align or args.corr_align):
         args.motion_align = args.corr_align = False  # alignment needs the augmented clip
+    if not 0 <= args.timestep_alpha <= 1:
+        p.error(f"--timestep-alpha {args.timestep_alpha}: want 0 <= alpha <= 1")
     if args.stage == "decoder" and not 1 <= args.decoder_frames <= args.frames:
         p.error("--decoder-frames must be between 1 and --frames")
     if args.sample_image and not os.path.isfile(args.sample_image):
