@@ -191,8 +191,7 @@ def flash_args(args, out, steps, align):
     vars(a).update(stage="unet", steps=steps, lr=LR["flash"], frames=FRAMES, height=SIZE, width=SIZE, seed=args.seed,
                    device=args.device, dtype="fp32", out=str(out), gradient_checkpointing=False, save_every=steps,
                    keep=1, log_every=max(1, steps // 6), prompt=PROMPT, flip=False, motion_align=align,
-                   timestep_alpha=TIMESTEP_ALPHA,
-                   corr_align=align, base=str(out.parent / "pipeline"),
+                   corr_align=align, timestep_alpha=TIMESTEP_ALPHA, base=str(out.parent / "pipeline"),
                    motion_module=str(out.parent / "pipeline" / "motion_module.safetensors"))
     return a
 
@@ -297,7 +296,8 @@ def main(args):
             print(f"{label:20s}{r['mean_err']:10.2f}{r['end_err']:10.2f}{r['peak_err']:10.2f}{r['performs']:10.0%}")
     wall = time.time() - t_start
     report = dict(seed=args.seed, wall_s=round(wall, 1), prompt=PROMPT, steps=steps, sampling=SAMPLING,
-                  timestep_alpha=TIMESTEP_ALPHA, n_clips=N_CLIPS, n_refs=n_refs, motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
+                  timestep_alpha=TIMESTEP_ALPHA, n_clips=N_CLIPS, n_refs=n_refs,
+                  motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
                   performs_rule="end_err < dx/3 and |peak - jump| < jump/3", validation_loss=val, **results)
     (out / "scores.json").write_text(json.dumps(report, indent=2))
     adain = "" if SAMPLING["adain"] else " --no-adain"

@@ -83,9 +83,9 @@ def is_trainable(name, stage):
     return "motion_modules." in name or ".attn1.to_k." in name or ".attn1.to_v." in name
 
 
-def timestep_weights(kind, T=1000, alpha=0.5):
-    t = torch.arange(T, dtype=torch.float64)
-    return 1 - alpha * torch.cos(math.pi * t / T) if kind == "cosine" else torch.ones(T, dtype=torch.float64)
+def timestep_weights(alpha, T=1000):
+    """ReVersion's p(t) ∝ 1 - alpha cos(pi t/T): alpha 0 is uniform, larger alpha favours large t"""
+    return 1 - alpha * torch.cos(math.pi * torch.arange(T, dtype=torch.float64) / T)
 
 
 def set_alignment(unet, motion_tau=None, corr_layers=()):
@@ -215,7 +215,7 @@ def train(args, pipe, videos, embeds, log=print):
     if stage == "unet":
         pipe.unet.config.gradient_checkpointing = args.gradient_checkpointing
         acp = alphas_cumprod().to(dev)
-        tw = timestep_weights(args.timesteps, alpha=args.timestep_alpha)
+        tw = timestep_weights(args.timestep_alpha if args.timesteps == "cosine" else 0.0)
         layers = cross_frame_layers(pipe.unet)
     vae_dtype = next(pipe.vae.parameters()).dtype
     autocast = torch.autocast(dev.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
