@@ -1,11 +1,11 @@
 """
 Data for FLASH (arXiv 2503.00276): reading the ≤16 example videos, sampling training clips, the strong
 augmentation of the Motion Alignment Module (Sec. 3.2 / A3.2), the distortions used to train the Detail
-Enhancement Decoder (Sec. 3.3 / A3.2), and a synthetic "jumping disc" action for the embedded demo.
+Enhancement Decoder (Sec. 3.3 / A3.2).
 Colour ops follow torchvision's ColorJitter semantics on [0,1] images; everything is plain torch, seeded by
 an explicit torch.Generator, with one random draw per clip unless stated otherwise.
 """
-import math, re, warnings
+import re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -254,66 +254,3 @@ def decoder_distort(clip, generator, p_none=0.2, grid=4, region_frac=0.8, alpha_
         x = elastic_transform(x, p["alpha"], g)
     x = x * 2 - 1
     return (x, p) if return_params else x
-
-# -----------------------------------------------------------------------------
-# synthetic demo action: a disc jumps up and lands further right (an arc), on a plain or two-tone background.
-# Training clips and test references draw appearance and start position from DISJOINT ranges:
-#   object hue: train [0.00,0.12] (red/orange)  refs [0.30,0.45] (green)
-#   background hue: train [0.55,0.70] (blue)    refs [0.75,0.92] (purple)
-#   start x / size: train [0.12,0.28]           refs [0.34,0.44]      (start y / size [0.62,0.76] for both)
-DEMO_TRAIN = dict(hue=(0.0, 0.12), bg_hue=(0.55, 0.70), x=(0.12, 0.28), y=(0.62, 0.76))
-DEMO_REF = dict(hue=(0.30, 0.45), bg_hue=(0.75, 0.92), x=(0.34, 0.44), y=(0.62, 0.76))
-DEMO_RADIUS, DEMO_DX, DEMO_JUMP = 0.1, 0.3, 0.3  # fractions of the frame size
-
-def demo_trajectory(start, frames=16, size=64):
-    """expected centroid (F,2) as (x, y) pixels: moves DEMO_DX*size right while jumping DEMO_JUMP*size up and down"""
-    u = torch.linspace(0, 1, frames)
-    x0, y0 = float(start[0]), float(start[1])
-    return torch.stack([x0 + DEMO_DX * size * u, y0 - DEMO_JUMP * size * torch.sin(math.pi * u)], -1)
-
-def _hsv(h, s, v): return hsv_to_rgb(torch.tensor([h, s, v]).view(3, 1, 1)).view(3)
-
-def _demo_sample(g, r, frames, size):
-    u = lambda lo_hi: float(_rand(g, *lo_hi))
-    obj = _hsv(u(r["hue"]), u((0.7, 0.9)), u((0.85, 1.0)))
-    hb, sb, vb = u(r["bg_hue"]), u((0.2, 0.5)), u((0.15, 0.35))
-    bg1 = _hsv(hb, sb, vb)
-    bg2 = _hsv(hb, sb, vb + u((0.05, 0.1))) if float(_rand(g)) < 0.5 else bg1  # two-tone: a lighter band
-    split = round(u((0.3, 0.7)) * size)
-    start = torch.tensor([u(r["x"]) * size, u(r["y"]) * size])
-    traj = demo_trajectory(start, frames, size)
-    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    bg = torch.where(yy < split, bg1.view(3, 1, 1), bg2.view(3, 1, 1))  # 3 S S
-    dist = ((xx - traj[:, 0, None, None]) ** 2 + (yy - traj[:, 1, None, None]) ** 2).sqrt()  # F S S
-    a = (DEMO_RADIUS * size + 0.5 - dist).clamp(0, 1).unsqueeze(1)  # antialiased disc coverage, F 1 S S
-    return (bg * (1 - a) + obj.view(3, 1, 1) * a) * 2 - 1, traj
-
-def make_demo_clips(n, frames=16, size=64, seed=0):
-    """-> (clips: list of (F,3,size,size) in [-1,1], trajectories: list of (F,2) ground-truth centroids)"""
-    g = torch.Generator().manual_seed(seed)
-    out = [_demo_sample(g, DEMO_TRAIN, frames, size) for _ in range(n)]
-    return [c for c, _ in out], [t for _, t in out]
-
-def make_demo_references(n, size=64, seed=1000):
-    """-> (images: list of (3,size,size) in [-1,1], starts: list of (2,) (x, y) pixels), unseen appearances"""
-    g = torch.Generator().manual_seed(seed)
-    out = [_demo_sample(g, DEMO_REF, 1, size) for _ in range(n)]
-    return [c[0] for c, _ in out], [t[0] for _, t in out]
-
-def centroid_track(video, background=None, threshold=0.5):
-    """video (F,3,H,W) in [-1,1] -> (F,2) (x, y) centroid of pixels whose max channel difference from the
-    background exceeds `threshold` (NaN where none). background: (3,) colour, (3,H,W) image, or None = the
-    per-channel median of the first frame's 2-pixel border."""
-    video = video.float()
-    if background is None:
-        f = video[0]
-        border = [f[:, :2], f[:, -2:], f[:, :, :2], f[:, :, -2:]]
-        background = torch.cat([b.flatten(1) for b in border], 1).median(1).values
-    bg = background.to(video)
-    bg = bg.view(1, *bg.shape) if bg.dim() == 3 else bg.view(1, 3, 1, 1)
-    m = ((video - bg).abs().amax(1) > threshold).float()  # F H W
-    H, W = m.shape[-2:]
-    n = m.sum((1, 2))
-    cx = (m * torch.arange(W).to(m)).sum((1, 2)) / n
-    cy = (m * torch.arange(H).to(m).view(H, 1)).sum((1, 2)) / n
-    return torch.stack([cx, cy], -1)  # n = 0 gives NaN

@@ -5,6 +5,7 @@ U-Net trained briefly on single frames of EVERY appearance, plus a tiny random f
 generated clips of restricted colours and positions; (3) sample.animate animates held-out references (colours,
 backgrounds, positions never seen in training); the disc's centroid track is scored against the trained motion.
 """
+import argparse
 import json
 import math
 import time
@@ -44,17 +45,88 @@ TIMESTEP_ALPHA = 1.0
 BATCH = dict(vae=16, unet=32)
 SAMPLING = dict(steps=25, guidance=7.5, adain=True)  # sample.py's defaults (FLASH A3.2)
 THREADS = 2  # idle 2-core CPU: 0.24 s per FLASH step with two threads, 0.42 s with one (measured)
-DISP, JUMP = data.DEMO_DX * SIZE, data.DEMO_JUMP * SIZE  # the trained motion: 19.2 px right, 19.2 px up and down
+
+
+# ----------------------------------------------------------------------------- the toy action
+# synthetic demo action: a disc jumps up and lands further right (an arc), on a plain or two-tone background.
+# Training clips and test references draw appearance and start position from DISJOINT ranges:
+#   object hue: train [0.00,0.12] (red/orange)  refs [0.30,0.45] (green)
+#   background hue: train [0.55,0.70] (blue)    refs [0.75,0.92] (purple)
+#   start x / size: train [0.12,0.28]           refs [0.34,0.44]      (start y / size [0.62,0.76] for both)
+DEMO_TRAIN = dict(hue=(0.0, 0.12), bg_hue=(0.55, 0.70), x=(0.12, 0.28), y=(0.62, 0.76))
+DEMO_REF = dict(hue=(0.30, 0.45), bg_hue=(0.75, 0.92), x=(0.34, 0.44), y=(0.62, 0.76))
+DEMO_RADIUS, DEMO_DX, DEMO_JUMP = 0.1, 0.3, 0.3  # fractions of the frame size
+DISP, JUMP = DEMO_DX * SIZE, DEMO_JUMP * SIZE  # the trained motion: 19.2 px right, 19.2 px up and down
+
+
+def demo_trajectory(start, frames=16, size=64):
+    """expected centroid (F,2) as (x, y) pixels: moves DEMO_DX*size right while jumping DEMO_JUMP*size up and down"""
+    u = torch.linspace(0, 1, frames)
+    x0, y0 = float(start[0]), float(start[1])
+    return torch.stack([x0 + DEMO_DX * size * u, y0 - DEMO_JUMP * size * torch.sin(math.pi * u)], -1)
+
+
+def _hsv(h, s, v):
+    return data.hsv_to_rgb(torch.tensor([h, s, v]).view(3, 1, 1)).view(3)
+
+
+def _demo_sample(g, r, frames, size):
+    u = lambda lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * float(torch.rand((), generator=g))
+    obj = _hsv(u(r["hue"]), u((0.7, 0.9)), u((0.85, 1.0)))
+    hb, sb, vb = u(r["bg_hue"]), u((0.2, 0.5)), u((0.15, 0.35))
+    bg1 = _hsv(hb, sb, vb)
+    bg2 = _hsv(hb, sb, vb + u((0.05, 0.1))) if float(torch.rand((), generator=g)) < 0.5 else bg1  # two-tone: a lighter band
+    split = round(u((0.3, 0.7)) * size)
+    start = torch.tensor([u(r["x"]) * size, u(r["y"]) * size])
+    traj = demo_trajectory(start, frames, size)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    bg = torch.where(yy < split, bg1.view(3, 1, 1), bg2.view(3, 1, 1))  # 3 S S
+    dist = ((xx - traj[:, 0, None, None]) ** 2 + (yy - traj[:, 1, None, None]) ** 2).sqrt()  # F S S
+    a = (DEMO_RADIUS * size + 0.5 - dist).clamp(0, 1).unsqueeze(1)  # antialiased disc coverage, F 1 S S
+    return (bg * (1 - a) + obj.view(3, 1, 1) * a) * 2 - 1, traj
+
+
+def make_demo_clips(n, frames=16, size=64, seed=0):
+    """-> (clips: list of (F,3,size,size) in [-1,1], trajectories: list of (F,2) ground-truth centroids)"""
+    g = torch.Generator().manual_seed(seed)
+    out = [_demo_sample(g, DEMO_TRAIN, frames, size) for _ in range(n)]
+    return [c for c, _ in out], [t for _, t in out]
+
+
+def make_demo_references(n, size=64, seed=1000):
+    """-> (images: list of (3,size,size) in [-1,1], starts: list of (2,) (x, y) pixels), unseen appearances"""
+    g = torch.Generator().manual_seed(seed)
+    out = [_demo_sample(g, DEMO_REF, 1, size) for _ in range(n)]
+    return [c[0] for c, _ in out], [t[0] for _, t in out]
+
+
+def centroid_track(video, background=None, threshold=0.5):
+    """video (F,3,H,W) in [-1,1] -> (F,2) (x, y) centroid of pixels whose max channel difference from the
+    background exceeds `threshold` (NaN where none). background: (3,) colour, (3,H,W) image, or None = the
+    per-channel median of the first frame's 2-pixel border."""
+    video = video.float()
+    if background is None:
+        f = video[0]
+        border = [f[:, :2], f[:, -2:], f[:, :, :2], f[:, :, -2:]]
+        background = torch.cat([b.flatten(1) for b in border], 1).median(1).values
+    bg = background.to(video)
+    bg = bg.view(1, *bg.shape) if bg.dim() == 3 else bg.view(1, 3, 1, 1)
+    m = ((video - bg).abs().amax(1) > threshold).float()  # F H W
+    H, W = m.shape[-2:]
+    n = m.sum((1, 2))
+    cx = (m * torch.arange(W).to(m)).sum((1, 2)) / n
+    cy = (m * torch.arange(H).to(m).view(H, 1)).sum((1, 2)) / n
+    return torch.stack([cx, cy], -1)  # n = 0 gives NaN
 
 
 # ----------------------------------------------------------------------------- scoring
 
 def score(video, start):
-    """video (F,3,H,W) in [-1,1] -> errors in px of the disc's centroid track against data.demo_trajectory(start).
+    """video (F,3,H,W) in [-1,1] -> errors in px of the disc's centroid track against demo_trajectory(start).
     A frame where no disc is found counts as an error of the frame size. Performs the motion: endpoint error below
     a third of the displacement and jump height within a third of the true one."""
-    gt = data.demo_trajectory(start, len(video), video.shape[-1])
-    track = data.centroid_track(video)
+    gt = demo_trajectory(start, len(video), video.shape[-1])
+    track = centroid_track(video)
     err = (track - gt).norm(dim=-1).nan_to_num(float(video.shape[-1]))[1:]  # frames 2..F
     ys = track[:, 1][~track[:, 1].isnan()]
     peak = (track[0, 1] - ys.min()).item() if len(ys) else 0.0
@@ -227,13 +299,13 @@ def evaluate(pipe, refs, starts, seed, out, steps):
     return videos, summary(scores), summary(static)
 
 
-def main(args):
+def run(args):
     t_start = time.time()
     log = lambda msg: print(f"[demo {time.time() - t_start:6.1f}s] {msg}", flush=True)
     torch.set_num_threads(THREADS)
-    steps = FAST if args.demo_fast else STEPS
-    n_refs, sample_steps = (2, 4) if args.demo_fast else (N_REFS, SAMPLING["steps"])
-    out = Path("runs/demo" if args.out == "runs/flash" else args.out)
+    steps = FAST if args.fast else STEPS
+    n_refs, sample_steps = (2, 4) if args.fast else (N_REFS, SAMPLING["steps"])
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -241,10 +313,10 @@ def main(args):
     log(f"FLASH toy demo: seed {args.seed}, device {dev}, {torch.get_num_threads()} thread(s), output {out}/")
 
     # data: generated clips of the action (restricted looks) and held-out references (unseen looks)
-    clips, _ = data.make_demo_clips(N_CLIPS, FRAMES, SIZE, seed=args.seed)
-    refs, starts = data.make_demo_references(n_refs, SIZE, seed=1000 + args.seed)
+    clips, _ = make_demo_clips(N_CLIPS, FRAMES, SIZE, seed=args.seed)
+    refs, starts = make_demo_references(n_refs, SIZE, seed=1000 + args.seed)
     videos = [data.Video(f"demo/clip_{i:02d}", data.to_uint8(c), float(FPS), PROMPT) for i, c in enumerate(clips)]
-    pool = torch.cat([data._demo_sample(gen, ALL, 1, SIZE)[0] for _ in range(POOL)])
+    pool = torch.cat([_demo_sample(gen, ALL, 1, SIZE)[0] for _ in range(POOL)])
     pool[::2] = torch.cat([data.strong_augment(f[None], gen) for f in pool[::2]])  # the looks FLASH's aug makes
     log(f"data: {N_CLIPS} clips {FRAMES}x{SIZE}x{SIZE} '{PROMPT}', {n_refs} held-out references, {POOL} frames")
 
@@ -268,7 +340,7 @@ def main(args):
 
     # (2) FLASH, and (3) animation of the held-out references; the ablation re-trains from the same base
     embeds = [ctx[1:].cpu()] * len(videos)
-    variants = [("flash", True)] + ([("ablation", False)] if args.demo_ablation else [])
+    variants = [("flash", True)] + ([("ablation", False)] if args.ablation else [])
     results, val = {}, {"before": val_loss(pipe, videos, ctx[1:])}
     for name, align in variants:
         pipe.unet.load_state_dict(base_state)
@@ -308,3 +380,18 @@ def main(args):
     pipe.unet.load_state_dict(flash_state)  # the FLASH model (what out/pipeline + out/flash hold)
     return dict(report=report, vae_losses=vae_losses, unet_losses=unet_losses, flash_history=flash_history,
                 flash_val_loss=dict(before=val["before"], after=val["flash"]), pipe=pipe, out=out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FLASH toy demo on a CPU: learn a toy action from 16 generated clips, "
+                                            "animate held-out references, score the motion.")
+    p.add_argument("--fast", action="store_true", help="a few steps of everything (the test suite's smoke run)")
+    p.add_argument("--ablation", action="store_true", help="also train without motion alignment and compare")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1055,27 +1055,27 @@ def test_elastic_transform():
 # ----------------------------------------------------------------------------- demo data
 
 def test_demo_clips():
-    clips, trajs = data.make_demo_clips(6, frames=16, size=64, seed=0)
-    clips2, trajs2 = data.make_demo_clips(6, frames=16, size=64, seed=0)
+    clips, trajs = demo.make_demo_clips(6, frames=16, size=64, seed=0)
+    clips2, trajs2 = demo.make_demo_clips(6, frames=16, size=64, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(clips + trajs, clips2 + trajs2))
-    r = data.DEMO_RADIUS * 64
+    r = demo.DEMO_RADIUS * 64
     for c, t in zip(clips, trajs):
         assert c.shape == (16, 3, 64, 64) and c.min() >= -1 and c.max() <= 1 and t.shape == (16, 2)
-        assert torch.allclose(t, data.demo_trajectory(t[0], 16, 64))
+        assert torch.allclose(t, demo.demo_trajectory(t[0], 16, 64))
         assert (t - r >= 0).all() and (t + r <= 64).all()  # object inside the frame
         assert (t[:, 0].max() - t[:, 0].min() >= 15) and (t[:, 1].max() - t[:, 1].min() >= 15)
-        assert (data.centroid_track(c) - t).abs().max() < 1.0
+        assert (demo.centroid_track(c) - t).abs().max() < 1.0
     plate = clips[0][0].clone()  # explicit background image: the frame with the disc painted over
     t0 = trajs[0][0].round().long()
     plate[:, t0[1] - 8:t0[1] + 9, t0[0] - 8:t0[0] + 9] = plate[:, t0[1] - 8:t0[1] + 9, :1].mean(-1, keepdim=True)
-    assert (data.centroid_track(clips[0], plate) - trajs[0]).abs().max() < 1.0
-    assert data.centroid_track(plate[None], plate).isnan().all()  # no foreground -> NaN
+    assert (demo.centroid_track(clips[0], plate) - trajs[0]).abs().max() < 1.0
+    assert demo.centroid_track(plate[None], plate).isnan().all()  # no foreground -> NaN
 
 
 def test_demo_references_unseen():
-    clips, trajs = data.make_demo_clips(32, seed=0)
-    refs, starts = data.make_demo_references(8, seed=1000)
-    assert all(torch.equal(a, b) for a, b in zip(refs, data.make_demo_references(8, seed=1000)[0]))
+    clips, trajs = demo.make_demo_clips(32, seed=0)
+    refs, starts = demo.make_demo_references(8, seed=1000)
+    assert all(torch.equal(a, b) for a, b in zip(refs, demo.make_demo_references(8, seed=1000)[0]))
 
     def appearance(img, pos):  # (object hue, background hue, start x) measured from the image
         hsv = data.rgb_to_hsv((img + 1) / 2)
@@ -1088,7 +1088,7 @@ def test_demo_references_unseen():
         assert max(a[k] for a in train) < min(b[k] for b in test)  # disjoint: object hue, bg hue, start x
     for im, st in zip(refs, starts):
         assert im.shape == (3, 64, 64)
-        assert (data.centroid_track(im[None])[0] - st).abs().max() < 1.0
+        assert (demo.centroid_track(im[None])[0] - st).abs().max() < 1.0
 
 
 # ====================================================================================================
@@ -1445,7 +1445,7 @@ def tiny_pipeline_dir(root, seed=0):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tiny_pipeline_dir(root / "pipe")
-    clips, _ = data.make_demo_clips(3, frames=10, size=64, seed=0)
+    clips, _ = demo.make_demo_clips(3, frames=10, size=64, seed=0)
     (root / "videos").mkdir()
     for i, c in enumerate(clips):
         data.write_video(data.to_uint8(c), str(root / "videos" / f"clip{i}.mp4"), fps=8)
@@ -1544,7 +1544,7 @@ def test_decoder_stage_beats_plain_decoder_on_held_out_clips(tiny):
     pipe.vae = load_vae(args.base, detail=True)
     hist = T.train(args, pipe, videos, None, log=lambda *a: None)
     assert np.mean([h["loss"] for h in hist[-10:]]) < np.mean([h["loss"] for h in hist[:10]])
-    clips, _ = data.make_demo_clips(3, frames=8, size=64, seed=123)  # held out: never trained on
+    clips, _ = demo.make_demo_clips(3, frames=8, size=64, seed=123)  # held out: never trained on
     g = torch.Generator().manual_seed(0)
     plain, detail = [], []
     with torch.no_grad():
@@ -1565,8 +1565,8 @@ def test_decoder_stage_beats_plain_decoder_on_held_out_clips(tiny):
 # ----------------------------------------------------------------------------- scoring
 
 def test_score_perfect_video_performs_and_static_floor_does_not():
-    clips, trajs = data.make_demo_clips(4, seed=3)
-    refs, starts = data.make_demo_references(2, seed=7)
+    clips, trajs = demo.make_demo_clips(4, seed=3)
+    refs, starts = demo.make_demo_references(2, seed=7)
     for clip, traj in zip(clips, trajs):
         s = demo.score(clip, traj[0])
         assert s["mean_err"] < 0.5 and s["end_err"] < 0.5 and s["peak_err"] < 0.5 and s["performs"]
@@ -1580,7 +1580,7 @@ def test_score_perfect_video_performs_and_static_floor_does_not():
 
 
 def test_score_counts_a_lost_disc_as_the_frame_size():
-    clip, traj = data.make_demo_clips(1, seed=5)
+    clip, traj = demo.make_demo_clips(1, seed=5)
     empty = clip[0].clone()
     empty[1:] = empty[1:, :, :1, :1]  # frames 2.. are the background colour of the corner: no disc found
     s = demo.score(empty, traj[0][0])
@@ -1599,8 +1599,7 @@ def test_summary_averages():
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    args = T.get_parser().parse_args(["--demo", "--demo-fast", "--device", "cpu", "--out", str(out)])
-    return demo.main(args)
+    return demo.main(["--fast", "--device", "cpu", "--out", str(out)])
 
 
 def test_fast_demo_writes_videos_sheet_and_scores(fast_run):
@@ -1633,7 +1632,7 @@ def test_fast_demo_pipeline_reloads_through_sample_py(fast_run):
     out = fast_run["out"]
     pipe = S.load_pipeline(out / "pipeline", out / "pipeline" / "motion_module.safetensors", [out / "flash"],
                            device="cpu", verbose=False)
-    image = data.make_demo_references(1, seed=1000)[0][0]
+    image = demo.make_demo_references(1, seed=1000)[0][0]
     video = S.animate(pipe, image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
                       height=demo.SIZE, width=demo.SIZE, progress=False)
     assert video.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3) and video.dtype == np.uint8

@@ -66,10 +66,6 @@ def get_parser():
     p.add_argument("--sample-image", help="reference image for periodic samples")
     p.add_argument("--sample-every", type=int, default=0, help="steps between samples (0 = only at the end)")
     p.add_argument("--sample-steps", type=int, default=25)
-    # Demo (no weights needed)
-    p.add_argument("--demo", action="store_true", help="toy FLASH experiment on generated clips, CPU-friendly")
-    p.add_argument("--demo-ablation", action="store_true", help="also train without motion alignment, compare")
-    p.add_argument("--demo-fast", action="store_true", help="a few steps only (for tests)")
     return p
 
 
@@ -324,9 +320,6 @@ def check_args(p, args):
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
-    if args.demo:
-        import demo
-        return demo.main(args)
     if args.resume:  # the run's saved settings become the defaults; flags given now override them
         with open(os.path.join(find_checkpoint(args.resume), "settings.json")) as f:
             saved = json.load(f)
