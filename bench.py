@@ -275,7 +275,7 @@ def bench_train(a, s, rows):
     for name, q in unet.named_parameters():  # fp32 master weights train, the frozen ones sit in the autocast dtype
         q.data = q.data.float() if is_trainable(name, "unet") else q.data.to(s.dt)
         trainable += [q.requires_grad_(True)] if is_trainable(name, "unet") else []
-    unet.config.gradient_checkpointing = True
+    unet.gradient_checkpointing = True
     compiled(unet.to(dev), a).train()
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     g = torch.Generator().manual_seed(1)

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from model import load_checked, load_state_dict_file
+from model import load_checked, load_state_dict_file, read_json
 
 
 @dataclass
@@ -66,9 +66,9 @@ class CLIPLayer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    def __init__(self, config=CLIPTextConfig()):
+    def __init__(self, config=None):
         super().__init__()
-        self.config = c = config
+        self.config = c = config or CLIPTextConfig()
         assert c.hidden_act in ("quick_gelu", "gelu"), c.hidden_act
         self.text_model = tm = nn.Module()  # plain namespaces so attribute paths = transformers keys
         tm.embeddings = nn.Module()
@@ -116,7 +116,7 @@ class Tokenizer:
     """Tokenizer(vocab.json | dict, merges.txt | list); __call__(prompt | prompts) -> LongTensor (B, 77), EOS-padded."""
 
     def __init__(self, vocab, merges, max_length=77):
-        self.vocab = vocab if isinstance(vocab, dict) else json.loads(Path(vocab).read_text(encoding="utf-8"))
+        self.vocab = vocab if isinstance(vocab, dict) else read_json(vocab)
         if not isinstance(merges, list):
             lines = Path(merges).read_text(encoding="utf-8").split("\n")
             merges = [m for m in lines[1 if lines[0].startswith("#version") else 0:] if m.strip()]
@@ -132,6 +132,8 @@ class Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tok.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A <|endoftext|>", special_tokens=[
             ("<|startoftext|>", self.bos), ("<|endoftext|>", self.eos)])
+        # the two special strings inside a prompt are single tokens, as in OpenAI's simple_tokenizer and transformers
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|startoftext|>", "<|endoftext|>")])
         tok.decoder = decoders.ByteLevel()
         self.tok = tok
 
@@ -178,7 +180,7 @@ def load_text_encoder(path, **overrides):
     if path.is_dir():
         path = path / "text_encoder" if (path / "text_encoder").is_dir() else path
         if (path / "config.json").is_file():
-            cfg = json.loads((path / "config.json").read_text())
+            cfg = read_json(path / "config.json")
         files = [path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()]
         if not files:
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")

@@ -5,7 +5,11 @@ Enhancement Decoder (Sec. 3.3 / A3.2).
 Colour ops follow torchvision's ColorJitter semantics on [0,1] images; everything is plain torch, seeded by
 an explicit torch.Generator, with one random draw per clip unless stated otherwise.
 """
-import re, warnings
+import os
+import re
+import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -17,6 +21,24 @@ import imageio.v3 as iio
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
 FRAME_EXTS = (".png", ".jpg", ".jpeg")
 DEFAULT_FPS = 8.0  # when a container or a frame folder has no frame rate (AnimateDiff's default)
+
+
+# -----------------------------------------------------------------------------
+# progress bars: tqdm when installed, else this stand-in (the runtime stays at torch, safetensors, tokenizers, numpy,
+# pillow and imageio)
+
+try:
+    from tqdm import tqdm
+except ImportError:
+    def tqdm(it, desc="", disable=False):
+        """stand-in progress bar on stderr: count, it/s, ETA"""
+        it, t0 = list(it), time.time()
+        for i, x in enumerate(it):
+            yield x
+            rate, n = (i + 1) / max(time.time() - t0, 1e-9), len(it)
+            if not disable:
+                print(f"\r{desc} {i + 1}/{n} {rate:.2f} it/s ETA {(n - i - 1) / rate:.0f}s", end="\n" if i + 1 == n else "",
+                      file=sys.stderr, flush=True)
 
 # -----------------------------------------------------------------------------
 # video I/O
@@ -53,17 +75,30 @@ def read_video(path, short_side=None):
     return np.stack(frames), float(fps)
 
 def write_video(frames, path, fps=8.0):
-    """frames: uint8 (F,H,W,3) array, or a float tensor (F,3,H,W) in [-1,1]. .gif / .mp4 etc. / folder of PNGs."""
-    if torch.is_tensor(frames): frames = to_uint8(frames)
+    """The one video writer (sample.py, train.py's samples, the demo, the tests). frames: uint8 (F,H,W,3), or a float
+    tensor (F,3,H,W) in [-1,1]. .mp4/.mov/.mkv: H.264 yuv420p (plays in browsers); .gif: looping; any other path: a
+    folder of frame_000.png, frame_001.png, ..."""
+    frames = to_uint8(frames) if torch.is_tensor(frames) else frames
     path = Path(path)
-    if path.suffix == "":
+    ext = path.suffix.lower()
+    if ext in (".mp4", ".mov", ".mkv", ".gif"):  # written beside, then renamed: never a half-written video
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+        if ext == ".gif":  # delays in whole 1/100 s: round the running time so the mean delay is 1000/fps ms
+            ends = [round((i + 1) * 100 / fps) for i in range(len(frames))]
+            imgs = [Image.fromarray(f) for f in frames]  # (Pillow merges identical consecutive frames, adding delays)
+            imgs[0].save(tmp, save_all=True, append_images=imgs[1:], loop=0,
+                         duration=[10 * (b - a) for a, b in zip([0] + ends, ends)])
+        else:  # yuv420p needs even sizes: pad odd ones by an edge pixel; macro_block_size=1 stops a resize to 16
+            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+            iio.imwrite(tmp, frames, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
+                        macro_block_size=1)
+        os.replace(tmp, path)
+    else:
         path.mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(frames): Image.fromarray(f).save(path / f"{i:05d}.png")
-    elif path.suffix.lower() == ".gif":  # imageio v3: duration in ms (fps= raises)
-        iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
-    else:  # H.264 + yuv420p plays in browsers; yuv420p needs even sizes
-        iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
-                    macro_block_size=2)
+        for i, f in enumerate(frames):
+            Image.fromarray(f).save(path / f"frame_{i:03d}.png")
+
 
 def to_uint8(clip):
     """(F,3,H,W) in [-1,1] -> uint8 (F,H,W,3)"""

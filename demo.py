@@ -21,7 +21,8 @@ import data
 import train as T
 from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, byte_vocab
 from model import UNet, UNetConfig
-from sample import Pipeline, alphas_cumprod, animate, encode_prompt, save_pipeline, save_video, tqdm
+from data import tqdm, write_video
+from sample import Pipeline, alphas_cumprod, animate, encode_prompt, save_pipeline
 from vae import VAE, VAEConfig
 
 # ----------------------------------------------------------------------------- demo settings
@@ -290,8 +291,8 @@ def evaluate(pipe, refs, starts, seed, out, steps):
     for i in tqdm(range(len(refs)), desc="animate"):
         v = animate(pipe, refs[i], PROMPT, frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i, progress=False,
                     **{**SAMPLING, "steps": steps})
-        save_video(v, out / f"ref{i}.gif", FPS)
-        save_video(v, out / f"ref{i}.mp4", FPS)
+        write_video(v, out / f"ref{i}.gif", FPS)
+        write_video(v, out / f"ref{i}.mp4", FPS)
         x = to_tensor(v)
         videos.append(v)
         scores.append(score(x, starts[i]))

@@ -9,11 +9,12 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 
@@ -33,7 +34,6 @@ class UNetConfig:
     motion_heads: int = 8
     frame_pooled_norm: bool = False  # v1: resnet GroupNorm statistics pooled over all frames
     cross_frame: bool = True  # FLASH attn1: k, v = [first frame ; current frame] tokens
-    gradient_checkpointing: bool = False
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -275,11 +275,13 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x (B,4,F,H,W), t (B,) or scalar, context (B,77,768)) -> predicted noise (B,4,F,H,W)."""
+    """forward(x (B,4,F,H,W), t (B,) or scalar, context (B,77,768)) -> predicted noise (B,4,F,H,W).
+    unet.gradient_checkpointing = True recomputes every resnet, transformer and motion module in backward."""
 
-    def __init__(self, config=UNetConfig()):
+    def __init__(self, config=None):
         super().__init__()
-        self.config = cfg = config
+        self.config = cfg = config or UNetConfig()
+        self.gradient_checkpointing = False
         ch, L, g, heads = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.attention_heads
         temb = 4 * ch[0]
         self.info = {}  # filled by load_unet: formats and motion-module version
@@ -331,7 +333,7 @@ class UNet(nn.Module):
         return x
 
     def _call(self, module, *args):
-        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
@@ -371,26 +373,60 @@ class UNet(nn.Module):
         return x.view(b, frames, -1, h, w).permute(0, 2, 1, 3, 4)  # (B F) C H W -> B C F H W
 
 
-# ----------------------------------------------------------------------------- checkpoint loading
+# ----------------------------------------------------------------------------- dtypes, checkpoint loading
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the one map from flag to dtype
+
+
+def autocast_dtype(name, device):
+    """--dtype value (None/"auto" = bf16 on a CUDA GPU that has it, else fp16; fp32 on CPU) -> torch dtype"""
+    if name not in (None, "auto"):
+        return DTYPES[name] if isinstance(name, str) else name
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def read_json(path):
+    """A JSON file (config.json, settings.json, vocab.json) -> dict; a corrupt one is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid JSON file ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: want a JSON object, found {type(out).__name__}")
+    return out
+
 
 def load_state_dict_file(path):
-    """Tensors from .safetensors (preferred) or .ckpt/.pt/.bin via torch.load(weights_only=True)."""
+    """Tensors from .safetensors (preferred) or .ckpt/.pt/.bin via torch.load(weights_only=True). A truncated or
+    corrupt file (an interrupted download) and a pickle that would run code are errors naming the file."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own error type: a short header, a cut-off file, not safetensors at all
+            raise ValueError(f"{path}: not a readable .safetensors file, truncated or corrupt (an interrupted "
+                             f"download?): {str(e).splitlines()[0][:120]}") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot load safely with torch.load(weights_only=True) ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}). If you trust this file, convert it once to safetensors: "
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt (an interrupted download?): "
+                             f"{msg}") from None
+        raise ValueError(f"{path}: refused: it pickles Python objects, and torch.load(weights_only=True) runs none "
+                         f"({msg}). If you trust this file, convert it once to safetensors: "
                          f"python -c \"import torch,safetensors.torch as s; d=torch.load('{path}',weights_only=False)"
                          f"; d=d.get('state_dict',d); s.save_file({{k:v.contiguous() for k,v in d.items() "
                          f"if torch.is_tensor(v)}}, 'converted.safetensors')\"") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a dict of weights")
     return {k: v for k, v in sd.items() if torch.is_tensor(v)}
 
 
@@ -462,8 +498,7 @@ def read_motion_module(path):
     adapter_cfg = {}
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json")) as f:
-                adapter_cfg = json.load(f)
+            adapter_cfg = read_json(os.path.join(path, "config.json"))
         files = [os.path.join(path, f) for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
         files = [f for f in files if os.path.isfile(f)]
         if not files:
@@ -495,8 +530,10 @@ def read_motion_module(path):
 
 
 def read_unet_config(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        c = json.load(f)
+    c = read_json(os.path.join(folder, "config.json"))
+    if "block_out_channels" not in c or "down_block_types" not in c:
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: not a U-Net config (no block_out_channels / "
+                         f"down_block_types)")
     heads = c.get("num_attention_heads") or c.get("attention_head_dim", 8)
     heads = heads[0] if isinstance(heads, (list, tuple)) else heads
     return dict(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
@@ -553,7 +590,6 @@ def load_unet(path, motion_module=None, **overrides):
 
 def save_unet(unet, folder):
     """Write the spatial U-Net in diffusers layout (config.json + diffusion_pytorch_model.safetensors)."""
-    from safetensors.torch import save_file
     c = unet.config
     os.makedirs(folder, exist_ok=True)
     types = [("CrossAttnDownBlock2D" if a else "DownBlock2D") for a in c.down_attention]
@@ -570,13 +606,8 @@ def save_unet(unet, folder):
 
 def save_motion_module(unet, path):
     """Write the motion modules in the original AnimateDiff layout (pos_encoder.pe included, as AnimateDiff does)."""
-    from safetensors.torch import save_file
     sd = {k: v.contiguous() for k, v in unet.state_dict().items() if "motion_modules." in k}
     for name, m in unet.named_modules():
         if isinstance(m, PositionalEncoding):
             sd[name + ".pe"] = m.pe.contiguous()
     save_file(sd, str(path))
-
-
-def config_dict(config):
-    return {f.name: getattr(config, f.name) for f in fields(config)}

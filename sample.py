@@ -19,24 +19,15 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
-from model import load_checked, load_state_dict_file, load_unet, save_motion_module, save_unet
+from data import tqdm, write_video
+from model import (DTYPES, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json, save_motion_module,
+                   save_unet)
 from vae import VAE, load_vae, save_vae
-
-try:
-    from tqdm import tqdm
-except ImportError:
-    def tqdm(it, desc="", disable=False):  # stand-in progress bar on stderr: step count, it/s, ETA
-        it, t0 = list(it), time.time()
-        for i, x in enumerate(it):
-            yield x
-            rate, n = (i + 1) / max(time.time() - t0, 1e-9), len(it)
-            print("" if disable else f"\r{desc} {i + 1}/{n} {rate:.2f} it/s ETA {(n - i - 1) / rate:.0f}s",
-                  end="\n" if i + 1 == n and not disable else "", file=sys.stderr, flush=True)
 
 # ----------------------------------------------------------------------------- DDIM
 # AnimateDiff's inference yamls (v1, v2, v3) build diffusers' DDIMScheduler(beta_start=0.00085, beta_end=0.012,
 # beta_schedule="linear", steps_offset=1, clip_sample=False); the class defaults add set_alpha_to_one=True and
-# "leading" timestep spacing. eta = 0: deterministic. test_sample_part.py checks these against diffusers.
+# "leading" timestep spacing. eta = 0: deterministic. test_flash.py checks these against diffusers' DDIMScheduler.
 TRAIN_STEPS = 1000
 
 
@@ -111,9 +102,6 @@ class Pipeline:
     info: dict = field(default_factory=dict)  # formats, motion-module version, weight files, checkpoint settings
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def load_pipeline(base, motion_module=None, checkpoints=(), device=None, dtype=None, detail=True, tokenizer=None,
                   vae_dtype="fp32", verbose=True):
     """base: SD-1.5 diffusers folder or single-file LDM checkpoint (then the tokenizer comes from `tokenizer` or a
@@ -122,10 +110,7 @@ def load_pipeline(base, motion_module=None, checkpoints=(), device=None, dtype=N
     CPU. detail=False decodes with the plain SD decoder even when detail weights are present (ablation)."""
     base = str(base)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype in (None, "auto"):
-        dtype = torch.float32 if device.type != "cuda" else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    dtype, vae_dtype = DTYPES.get(dtype, dtype), DTYPES.get(vae_dtype, vae_dtype)
+    dtype, vae_dtype = autocast_dtype(dtype, device), DTYPES.get(vae_dtype, vae_dtype)
     if not os.path.exists(base):
         raise FileNotFoundError(f"base model not found: {base} (want an SD-1.5 diffusers folder or a single file)")
     tok_dir = tokenizer or (base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base)))
@@ -160,7 +145,7 @@ def read_settings(path):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"checkpoint not found: {file}")
     s = os.path.join(os.path.dirname(file), "settings.json")
-    return file, (json.loads(Path(s).read_text()) if os.path.isfile(s) else {})
+    return file, (read_json(s) if os.path.isfile(s) else {})
 
 
 def apply_checkpoint(pipe, path):
@@ -223,6 +208,8 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     check_size(height, width)
     if not 0 <= shared_noise < 1:
         raise ValueError(f"--shared-noise {shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
+    if not 1 <= steps <= TRAIN_STEPS:
+        raise ValueError(f"--steps {steps}: want 1 to {TRAIN_STEPS} DDIM steps")
     vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
     vdt = next(vae.parameters()).dtype
     img = (image if torch.is_tensor(image) else load_image(image, height, width))[None].to(dev, vdt)  # 1 3 H W
@@ -272,37 +259,31 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     return out
 
 
-def save_video(frames, path, fps=8):
-    """uint8 (F,H,W,3) -> .mp4/.mov/.mkv (H.264 yuv420p: plays in browsers), .gif (looping), or, for any other
-    path, a folder of frame_000.png, frame_001.png, ..."""
-    path = Path(path)
-    ext = path.suffix.lower()
-    if ext in (".mp4", ".mov", ".mkv", ".gif"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if ext in (".mp4", ".mov", ".mkv"):
-        import imageio.v2 as imageio
-        # yuv420p needs even sizes: pad odd ones by an edge pixel; macro_block_size=1 stops imageio's resize to 16
-        frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
-        with imageio.get_writer(path, fps=fps, codec="libx264", pixelformat="yuv420p", quality=8,
-                                macro_block_size=1) as w:
-            for f in frames:
-                w.append_data(f)
-    elif ext == ".gif":  # delays in whole 1/100 s: round the running time so the mean delay is 1000/fps ms
-        ends = [round((i + 1) * 100 / fps) for i in range(len(frames))]
-        imgs = [Image.fromarray(f) for f in frames]  # (Pillow merges identical consecutive frames, adding delays)
-        imgs[0].save(path, save_all=True, append_images=imgs[1:], loop=0,
-                     duration=[10 * (b - a) for a, b in zip([0] + ends, ends)])
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        for i, f in enumerate(frames):
-            Image.fromarray(f).save(path / f"frame_{i:03d}.png")
-
 # ----------------------------------------------------------------------------- CLI
 
 
-def run(args):
-    if not os.path.isfile(args.image):  # fail fast: before any weights are read
+def check_args(args):
+    """Reject impossible settings before any weights are read or anything is written."""
+    if not os.path.isfile(args.image):
         raise FileNotFoundError(f"image not found: {args.image}")
+    if not 1 <= args.steps <= TRAIN_STEPS:
+        raise ValueError(f"--steps {args.steps}: want 1 to {TRAIN_STEPS} DDIM steps (FLASH uses 25)")
+    if args.frames is not None and args.frames < 2:
+        raise ValueError(f"--frames {args.frames}: want at least 2 (frame 1 is the reference image)")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps {args.fps}: want a positive frame rate")
+    if not 0 <= args.shared_noise < 1:
+        raise ValueError(f"--shared-noise {args.shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
+    if args.out:
+        parent = Path(args.out).absolute()
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise PermissionError(f"--out {args.out}: cannot write there ({parent} is not a writable folder)")
+
+
+def run(args):
+    check_args(args)  # fail fast: before any weights are read
     ckpts = [read_settings(c) for c in args.checkpoint]
     trained = [(f, s) for f, s in ckpts if s.get("stage", "unet") == "unet"]
     ck_file, s = trained[-1] if trained else (None, {})
@@ -333,7 +314,7 @@ def run(args):
     video = animate(pipe, image, prompt, args.negative_prompt, frames, args.steps, args.guidance, seed, h, w,
                     not args.no_adain, args.shared_noise, not args.no_detail)
     secs, last = time.time() - t0, pipe.info["last_run"]
-    save_video(video, out, fps)
+    write_video(video, out, fps)
     meta = dict(image=os.path.abspath(args.image), prompt=prompt, negative_prompt=args.negative_prompt, frames=frames,
                 steps=args.steps, guidance=args.guidance, seed=seed, height=h, width=w, fps=fps,
                 adain=not args.no_adain, shared_noise=args.shared_noise, detail=last["detail"],

@@ -18,6 +18,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+
+from data import decoder_distort, load_videos, sample_clip, strong_augment, tqdm, write_video
+from model import autocast_dtype, read_json
+from sample import alphas_cumprod, animate, encode_prompt, load_pipeline
+from vae import load_vae
 
 
 def get_parser():
@@ -106,7 +113,6 @@ def atomic_write(path, write):
 def save_checkpoint(out, step, tensors, settings, state, keep):
     """checkpoint-{step}/ with flash.safetensors (trained tensors), settings.json and state.pt (resume);
     written to a .tmp folder first, then renamed, so a crash never leaves half a checkpoint."""
-    from safetensors.torch import save_file
     final = os.path.join(out, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +139,6 @@ def find_checkpoint(path):
 
 def plot_losses(history, path, names):
     """Loss curve PNG (Pillow only): one smoothed line per loss over the steps."""
-    from PIL import Image, ImageDraw
     W, H, pad = 720, 360, 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -156,191 +161,216 @@ def plot_losses(history, path, names):
     img.save(path)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- one step of each stage
 
 def unet_loss(unet, lat, t, noise, ctx, acp, autocast, motion_tau=None, corr_layers=()):
     """One FLASH forward (Sec. 3.1-3.2): lat (B,4,F,h,w) = [original; augmented] clean latents, one t and one
     noise (1,4,F,h,w) shared by both clips, clean first frame; returns the eps-MSE over frames 2..N per clip.
     The alignment hooks stay on until the caller's backward has run (checkpointing recomputes with them)."""
     noise = noise.expand_as(lat)
-    xt = acp[t].sqrt() * lat + (1 - acp[t]).sqrt() * noise
-    xt[:, :, 0] = lat[:, :, 0]
+    xt = acp[t].sqrt() * lat + (1 - acp[t]).sqrt() * noise  # q(x_t | x_0), Eq. 1
+    xt[:, :, 0] = lat[:, :, 0]  # noise-free first frame (Sec. 3.1)
     set_alignment(unet, motion_tau, corr_layers)
     with autocast:
         pred = unet(xt, t, ctx.expand(len(lat), -1, -1))
-    return (pred.float() - noise)[:, :, 1:].square().mean(dim=(1, 2, 3, 4))
+    return (pred.float() - noise)[:, :, 1:].square().mean(dim=(1, 2, 3, 4))  # frames 2..N (LAMP)
+
+
+def unet_step(args, pipe, clip, embed, gen, autocast, acp, t_weights, n_layers):
+    """Motion Alignment Module step (Sec. 3.2): [original; strongly augmented] clip -> (summed loss, log row)."""
+    dev, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
+    clips = [clip, strong_augment(clip, gen)] if args.strong_aug else [clip]
+    x = torch.stack(clips).to(dev, torch.float32)  # B F 3 H W
+    with torch.no_grad():
+        lat = pipe.vae.encode(x.flatten(0, 1).to(vae_dtype), sample=True, generator=gen)
+    lat = lat.float().view(len(clips), args.frames, *lat.shape[1:]).transpose(1, 2)  # B 4 F h w
+    t = torch.multinomial(t_weights, 1, generator=gen).item()
+    noise = torch.randn(lat[:1].shape, generator=gen).to(dev)  # one t and one noise for both clips
+    chosen = torch.randperm(n_layers, generator=gen)[: round(args.corr_prob * n_layers)].tolist()
+    aligned = len(clips) == 2
+    per_clip = unet_loss(pipe.unet, lat, t, noise, embed.to(dev), acp, autocast,
+                         args.tau if aligned and args.motion_align else None,
+                         set(chosen) if aligned and args.corr_align else ())
+    row = {"loss_ori": per_clip[0].item()} | ({"loss_aug": per_clip[1].item()} if aligned else {})
+    return per_clip.sum(), row  # L_D(ori) + L_D(aug)
+
+
+def decoder_step(args, pipe, clip, gen, autocast):
+    """Detail Enhancement Decoder step (Sec. 3.3, Eq. 8): decode distorted frames with the clean first frame's encoder
+    features and regress the clean frames -> (loss, log row)."""
+    dev, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
+    pick = torch.cat([torch.zeros(1, dtype=torch.long),  # the first frame and decoder_frames - 1 random others
+                      1 + torch.randperm(args.frames - 1, generator=gen)[: args.decoder_frames - 1]])
+    clean = clip[pick].to(dev)
+    distorted = decoder_distort(clip, gen)[pick].to(dev)
+    with torch.no_grad():
+        z = pipe.vae.encode(distorted.to(vae_dtype))
+        ref = pipe.vae.encoder_features(clip[:1].to(dev, vae_dtype))  # g^1: the clean first frame
+    with autocast:
+        out = pipe.vae.decode(z, ref=ref)
+    loss = F.mse_loss(out.float(), clean)
+    return loss, {"loss": loss.item()}
+
+
+# ----------------------------------------------------------------------------- set-up, resume, the loop
+
+def trainable_parameters(model, stage):
+    """Freeze everything but FLASH's trainable set, which trains in fp32 (frozen weights stay in bf16/fp16)."""
+    model.requires_grad_(False)
+    params = {n: p for n, p in model.named_parameters() if is_trainable(n, stage)}
+    for p in params.values():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def resume(path, params, prefix, opt, gen, log):
+    """Trained tensors, optimizer, generator and loss history from the newest checkpoint -> (step, history)."""
+    ck = find_checkpoint(path)
+    sd = load_file(os.path.join(ck, "flash.safetensors"))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(sd[prefix + n])
+    state = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    log(f"resumed from {ck} at step {state['step']}")
+    return state["step"], state["history"]
 
 
 def train(args, pipe, videos, embeds, log=print):
     """The FLASH loop for either stage. pipe: sample.Pipeline; videos: data.load_videos(); embeds: per-video text
     embeddings (unet stage). Returns the loss history. Resumes exactly from args.resume when given."""
-    from data import decoder_distort, sample_clip, strong_augment
-    from sample import alphas_cumprod, animate, save_video, tqdm
-    stage, dev = args.stage, torch.device(args.device)
-    model = pipe.unet if stage == "unet" else pipe.vae
-    names = [n for n, _ in model.named_parameters() if is_trainable(n, stage)]
-    params = dict(model.named_parameters())
-    model.requires_grad_(False)
-    for n in names:
-        params[n].data = params[n].data.float()  # fp32 master weights; frozen ones stay in bf16/fp16
-        params[n].requires_grad_(True)
-    trainable = [params[n] for n in names]
-    log(f"training {len(names)} tensors, {sum(p.numel() for p in trainable) / 1e6:.2f}M parameters ({stage} stage)")
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    dev, unet_stage = pipe.device, args.stage == "unet"
+    model, prefix = (pipe.unet, "unet.") if unet_stage else (pipe.vae, "vae.")
+    params = trainable_parameters(model, args.stage)
+    log(f"training {len(params)} tensors, {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters "
+        f"({args.stage} stage)")
+    opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
-    step, history = 0, []
-    if args.resume:
-        ck = find_checkpoint(args.resume)
-        from safetensors.torch import load_file
-        sd = load_file(os.path.join(ck, "flash.safetensors"))
-        prefix = stage + "." if stage == "unet" else "vae."
-        with torch.no_grad():
-            for n in names:
-                params[n].copy_(sd[prefix + n])
-        state = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, history = state["step"], state["history"]
-        log(f"resumed from {ck} at step {step}")
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "demo", "demo_ablation", "demo_fast")}
-    v0 = videos[0]
-    settings.update(fps=round(v0.fps / args.stride, 3), motion_version=pipe.info.get("motion_version"),
+    step, history = resume(args.resume, params, prefix, opt, gen, log) if args.resume else (0, [])
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    settings.update(fps=round(videos[0].fps / args.stride, 3), motion_version=pipe.info.get("motion_version"),
                     captions=sorted({v.caption for v in videos}))
+    autocast = torch.autocast(dev.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
+    acp = alphas_cumprod().to(dev)
+    t_weights = timestep_weights(args.timestep_alpha if args.timesteps == "cosine" else 0.0)
+    n_layers = len(cross_frame_layers(pipe.unet))
+    pipe.unet.gradient_checkpointing = args.gradient_checkpointing
+    sample_image = args.sample_image if unet_stage else None  # periodic samples need the trained U-Net
     os.makedirs(args.out, exist_ok=True)
     model.train()
-    if stage == "unet":
-        pipe.unet.config.gradient_checkpointing = args.gradient_checkpointing
-        acp = alphas_cumprod().to(dev)
-        tw = timestep_weights(args.timestep_alpha if args.timesteps == "cosine" else 0.0)
-        layers = cross_frame_layers(pipe.unet)
-    vae_dtype = next(pipe.vae.parameters()).dtype
-    autocast = torch.autocast(dev.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
-    bar = tqdm(range(step, args.steps), desc=f"train {stage} (from step {step})")
-    t0, peak = time.time(), 0.0
-    for step in bar:
+    busy, n_busy, peak = 0.0, 0, 0.0  # seconds and count of the steps run since the last log line
+    for step in tqdm(range(step, args.steps), desc=f"train {args.stage} (from step {step})"):
+        t0 = time.time()
         vi = torch.randint(len(videos), (), generator=gen).item()
         clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip)
-        if stage == "unet":
-            clips = [clip, strong_augment(clip, gen)] if args.strong_aug else [clip]
-            x = torch.stack(clips).to(dev, torch.float32)  # B F 3 H W
-            with torch.no_grad():
-                lat = pipe.vae.encode(x.flatten(0, 1).to(vae_dtype), sample=True, generator=gen)
-            lat = lat.float().view(len(clips), args.frames, *lat.shape[1:]).transpose(1, 2)  # B 4 F h w
-            t = torch.multinomial(tw, 1, generator=gen).item()
-            noise = torch.randn(lat[:1].shape, generator=gen).to(dev)
-            chosen = torch.randperm(len(layers), generator=gen)[: round(args.corr_prob * len(layers))].tolist()
-            aligned = len(clips) == 2
-            per_clip = unet_loss(pipe.unet, lat, t, noise, embeds[vi].to(dev), acp, autocast,
-                                 args.tau if aligned and args.motion_align else None,
-                                 set(chosen) if aligned and args.corr_align else ())
-            loss = per_clip.sum()
-            row = {"loss_ori": per_clip[0].item(), "loss_aug": per_clip[-1].item() if len(clips) == 2 else None}
+        if unet_stage:
+            loss, row = unet_step(args, pipe, clip, embeds[vi], gen, autocast, acp, t_weights, n_layers)
         else:
-            pick = torch.cat([torch.zeros(1, dtype=torch.long),
-                              1 + torch.randperm(args.frames - 1, generator=gen)[: args.decoder_frames - 1]])
-            clean = clip[pick].to(dev)
-            distorted = decoder_distort(clip, gen)[pick].to(dev)
-            with torch.no_grad():
-                z = pipe.vae.encode(distorted.to(vae_dtype))
-                ref = pipe.vae.encoder_features(clip[:1].to(dev, vae_dtype))  # clean first frame
-            with autocast:
-                out = pipe.vae.decode(z, ref=ref)
-            loss = F.mse_loss(out.float(), clean)
-            row = {"loss": loss.item()}
+            loss, row = decoder_step(args, pipe, clip, gen, autocast)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        set_alignment(pipe.unet)  # hooks off again (backward has recomputed what it needed)
+        torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if stage == "unet":
-            set_alignment(pipe.unet)  # hooks off again (backward has recomputed what it needed)
-        history.append({"step": step + 1, **{k: v for k, v in row.items() if v is not None}})
+        history.append({"step": step + 1, **row})
         if dev.type == "cuda":
+            torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**30
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            dt = (time.time() - t0) / args.log_every
-            t0 = time.time()
-            losses = " | ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step")
-            log(f"step {step + 1:06d} | {losses} | lr {args.lr:.0e} | {dt * 1000:.0f}ms/step | {peak:.1f}GB")
+        busy, n_busy = busy + time.time() - t0, n_busy + 1
         last = step + 1 == args.steps
+        if (step + 1) % args.log_every == 0 or last:
+            losses = " | ".join(f"{k} {v:.4f}" for k, v in row.items())
+            log(f"step {step + 1:06d} | {losses} | lr {args.lr:.0e} | {busy / n_busy * 1000:.0f}ms/step | {peak:.1f}GB")
+            busy, n_busy = 0.0, 0
         if (step + 1) % args.save_every == 0 or last:
-            tensors = {("unet." if stage == "unet" else "vae.") + n: params[n] for n in names}
             state = {"step": step + 1, "optimizer": opt.state_dict(), "generator": gen.get_state(),
                      "history": history}
-            ck = save_checkpoint(args.out, step + 1, tensors, settings, state, args.keep)
-            log(f"saved {ck}")
-        want_sample = args.sample_image and ((args.sample_every and (step + 1) % args.sample_every == 0) or last)
-        if want_sample and stage == "unet":
+            tensors = {prefix + n: p for n, p in params.items()}
+            log(f"saved {save_checkpoint(args.out, step + 1, tensors, settings, state, args.keep)}")
+        if sample_image and ((args.sample_every and (step + 1) % args.sample_every == 0) or last):
             model.eval()
             with autocast:  # frozen weights are bf16/fp16 on GPU, the trained ones fp32
-                frames = animate(pipe, args.sample_image, settings["captions"][0], frames=args.frames,
+                frames = animate(pipe, sample_image, settings["captions"][0], frames=args.frames,
                                  steps=args.sample_steps, height=args.height, width=args.width, seed=args.seed,
                                  progress=False)
-            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-            save_video(frames, os.path.join(args.out, "samples", f"step_{step + 1:06d}.mp4"), settings["fps"])
+            write_video(frames, os.path.join(args.out, "samples", f"step_{step + 1:06d}.mp4"), settings["fps"])
             model.train()
     model.eval()
     if history:
-        keys = [k for k in history[-1] if k != "step"]
-        plot_losses(history, os.path.join(args.out, "loss.png"), keys)
+        plot_losses(history, os.path.join(args.out, "loss.png"), [k for k in history[-1] if k != "step"])
         final = sorted(glob.glob(os.path.join(args.out, "checkpoint-??????")))[-1]
         for f in ("flash.safetensors", "settings.json"):  # newest weights also at the top of the output folder
             atomic_write(os.path.join(args.out, f), lambda tmp: shutil.copyfile(os.path.join(final, f), tmp))
     return history
 
 
-def check_args(p, args):
-    if args.stage == "unet":
-        args.steps = args.steps or 20000
-        args.lr = args.lr or 5e-5
-    else:
-        args.steps = args.steps or 10000
-        args.lr = args.lr or 1e-4
+# ----------------------------------------------------------------------------- command line
+
+def check_args(args):
+    """Fill stage defaults and reject impossible settings before anything is read or written."""
+    args.steps = args.steps if args.steps is not None else (20000 if args.stage == "unet" else 10000)  # A3.2
+    args.lr = args.lr or (5e-5 if args.stage == "unet" else 1e-4)  # A3.2
     for name in ("videos", "base"):
         if not getattr(args, name):
-            p.error(f"--{name} is required")
+            raise ValueError(f"--{name} is required")
     if args.stage == "unet" and not args.motion_module:
-        p.error("--motion-module is required for the unet stage (e.g. mm_sd_v15_v2.ckpt)")
-    if args.height % 8 or args.width % 8:
-        p.error(f"--height/--width must be multiples of 8 (got {args.height}x{args.width})")
+        raise ValueError("--motion-module is required for the unet stage (e.g. mm_sd_v15_v2.ckpt)")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v <= 0 or v % 8:
+            raise ValueError(f"--{name} {v}: want a positive multiple of 8 (the VAE works on 8x8 blocks)")
+    for name, lo in (("frames", 2), ("steps", 1), ("stride", 1), ("log_every", 1), ("save_every", 1), ("keep", 1)):
+        if getattr(args, name) < lo:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: want at least {lo}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: want a positive learning rate")
     if not args.strong_aug and (args.motion_align or args.corr_align):
         args.motion_align = args.corr_align = False  # alignment needs the augmented clip
     if not 0 <= args.timestep_alpha <= 1:
-        p.error(f"--timestep-alpha {args.timestep_alpha}: want 0 <= alpha <= 1")
+        raise ValueError(f"--timestep-alpha {args.timestep_alpha}: want 0 <= alpha <= 1")
+    if not 0 <= args.tau < 100 or not 0 <= args.corr_prob <= 1:
+        raise ValueError(f"--tau {args.tau} / --corr-prob {args.corr_prob}: want 0 <= tau < 100, 0 <= p <= 1")
     if args.stage == "decoder" and not 1 <= args.decoder_frames <= args.frames:
-        p.error("--decoder-frames must be between 1 and --frames")
+        raise ValueError("--decoder-frames must be between 1 and --frames")
     if args.sample_image and not os.path.isfile(args.sample_image):
         raise FileNotFoundError(f"--sample-image not found: {args.sample_image}")
-    parent = os.path.abspath(args.out)
-    while not os.path.exists(parent):  # created only once training starts: a failed start leaves nothing behind
+    check_writable(args.out, "--out")
+
+
+def check_writable(path, flag):
+    """The output folder is created only once training starts (a failed start leaves nothing behind): check now
+    that it can be."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder not writable: {args.out}")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise PermissionError(f"{flag} {path}: cannot create it ({parent} is not a writable folder)")
 
 
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
     if args.resume:  # the run's saved settings become the defaults; flags given now override them
-        with open(os.path.join(find_checkpoint(args.resume), "settings.json")) as f:
-            saved = json.load(f)
+        saved = read_json(os.path.join(find_checkpoint(args.resume), "settings.json"))
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(args)})
         args = p.parse_args(argv)
-    check_args(p, args)
-    print(json.dumps({k: v for k, v in vars(args).items() if not k.startswith("demo")}))
-    from data import load_videos
-    from sample import encode_prompt, load_pipeline
+    check_args(args)
+    print(json.dumps(vars(args)))
     videos = load_videos(args.videos, args.prompt, args.frames, args.stride, short_side=min(args.height, args.width))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
     pipe = load_pipeline(args.base, args.motion_module if args.stage == "unet" else None, device=args.device,
-                         dtype=dtype)
-    if args.stage == "decoder":  # the SD VAE plus fresh (zero-fused) detail-enhancement branches, alone on the GPU
-        from vae import load_vae
-        pipe.vae = load_vae(args.base, detail=True).to(args.device)
-        pipe.unet.to("cpu"), pipe.text_encoder.to("cpu")
+                         dtype=autocast_dtype(args.dtype, args.device))
+    if pipe.unet.config.motion_modules and args.frames > pipe.unet.config.motion_max_len:
+        raise ValueError(f"--frames {args.frames}: the motion module's positional encoding holds "
+                         f"{pipe.unet.config.motion_max_len} frames")
     embeds = None
     if args.stage == "unet":  # text embeddings once per caption, then the text encoder leaves the GPU
         embeds = [encode_prompt(pipe, [v.caption]).cpu() for v in videos]
         pipe.text_encoder.to("cpu")
+    else:  # the SD VAE plus fresh (zero-fused) detail-enhancement branches, alone on the GPU
+        pipe.vae = load_vae(args.base, detail=True).to(args.device)
+        pipe.unet.to("cpu"), pipe.text_encoder.to("cpu")
     train(args, pipe, videos, embeds)
     print(f"done: weights in {os.path.join(args.out, 'flash.safetensors')}; "
           f"sample with: python sample.py --checkpoint {args.out} --image ref.png")
@@ -349,10 +379,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory; try --frames 8, a smaller --height/--width, or keep gradient "
-              "checkpointing on", file=sys.stderr)
+              "checkpointing on (check first: python bench.py --estimate train ...)", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, ValueError) as e:  # missing/unreadable files, bad settings, mismatched weights: one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from model import load_checked, load_state_dict_file
+from model import load_checked, load_state_dict_file, read_json
 
 
 @dataclass
@@ -283,8 +284,8 @@ def load_vae(path, **overrides):
         if not files:
             raise ValueError(f"{path}: no vae/diffusion_pytorch_model.safetensors or .bin found")
         if os.path.isfile(os.path.join(folder, "config.json")):
-            with open(os.path.join(folder, "config.json")) as f:
-                cfg = {k: v for k, v in json.load(f).items() if k in VAEConfig.__dataclass_fields__}
+            cfg = {k: v for k, v in read_json(os.path.join(folder, "config.json")).items()
+                   if k in VAEConfig.__dataclass_fields__}
         sd = load_state_dict_file(files[0])
     elif os.path.isfile(path) and path.endswith((".safetensors", ".ckpt", ".pt", ".bin", ".pth")):
         sd = load_state_dict_file(path)
@@ -307,7 +308,6 @@ def load_vae(path, **overrides):
 
 def save_vae(vae, folder):
     """diffusers layout: config.json (diffusers names, + our `detail`) and diffusion_pytorch_model.safetensors"""
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     n = len(vae.config.block_out_channels)
     cfg = {"_class_name": "AutoencoderKL", **asdict(vae.config), "act_fn": "silu", "sample_size": 512,
