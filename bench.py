@@ -2,7 +2,8 @@
 FLASH (arXiv 2503.00276) against diffusers on identical random weights, and against the hardware limit: U-Net forward
 on a CFG video batch (ours with cross-frame attention off / on vs UNetMotionModel), the guided 25-step sample + decode
 (vs AnimateDiffPipeline; FLASH also encodes a first frame, so the U-Net share is shown apart), one FLASH training step
-(two clips, gradient checkpointing, alignment on / off). FLOPs are counted as shared/reference/performance.md does.
+(two clips, gradient checkpointing, alignment on / off). FLOPs: 2 per multiply-add over convs, linears and attention
+matmuls, norms and elementwise ops left out (SD-1.5 U-Net: 0.803 TFLOP per 64x64-latent frame).
 diffusers + transformers are needed only for the comparison columns.
     python bench.py --device cpu      # reduced size, 1 thread, < 2 min
     python bench.py --device cuda     # full size, bf16; --json out.json keeps every number
@@ -89,7 +90,8 @@ def decoder_flops(cfg, h, w, frames):
 
 
 def train_flops(fwd, wgrad, checkpointing=True):
-    """performance.md: forward + input grads (~1 forward) + weight grads of the trainable set + the recompute."""
+    """Frozen layers need no weight grads: forward + input grads (~1 forward) + the trainable set's weight grads,
+    + one more forward when gradient checkpointing recomputes."""
     return fwd * (3 if checkpointing else 2) + wgrad
 
 

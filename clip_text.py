@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from model import load_checked, load_state_dict_file, read_json
+from model import attention, load_checked, load_state_dict_file, read_json
 
 
 @dataclass
@@ -43,7 +43,7 @@ class CLIPAttention(nn.Module):
         B, L, C = x.shape
         q, k, v = (p(x).view(B, L, self.n_head, C // self.n_head).transpose(1, 2)  # B nh L hs
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # token i sees tokens <= i
+        y = attention(q, k, v, causal=True)  # token i sees tokens <= i
         return self.out_proj(y.transpose(1, 2).reshape(B, L, C))
 
 

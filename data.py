@@ -40,6 +40,11 @@ except ImportError:
                 print(f"\r{desc} {i + 1}/{n} {rate:.2f} it/s ETA {(n - i - 1) / rate:.0f}s", end="\n" if i + 1 == n else "",
                       file=sys.stderr, flush=True)
 
+
+def plain_warnings():
+    """Command lines: print each warning as one `warning: ...` line on stderr (no source line, no traceback)."""
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+
 # -----------------------------------------------------------------------------
 # video I/O
 
@@ -70,8 +75,8 @@ def read_video(path, short_side=None):
             frames = [resize(f) for f in iio.imiter(path, plugin="FFMPEG")]  # always rgb24 uint8
         if not frames: raise ValueError("no frames")
         if len({f.shape for f in frames}) > 1: raise ValueError("frames differ in size")
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read video: {e}") from e
+    except Exception as e:  # first line only: ffmpeg appends its whole banner and log
+        raise ValueError(f"{path}: cannot read video: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from e
     return np.stack(frames), float(fps)
 
 def write_video(frames, path, fps=8.0):

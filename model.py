@@ -38,6 +38,12 @@ class UNetConfig:
 
 # ----------------------------------------------------------------------------- building blocks
 
+def attention(q, k, v, causal=False):
+    """The one attention entry point (U-Net, motion modules, VAE, detail decoder, CLIP): softmax(q k^T / sqrt(hs)) v
+    over q, k, v (..., L, hs) through PyTorch's SDPA, which picks the flash / memory-efficient kernels on a GPU."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def group_norm(norm, x, frames, pooled):
     """GroupNorm per frame, or with statistics pooled over the frames of each video (AnimateDiff v1)."""
     if not pooled:
@@ -86,7 +92,7 @@ class Attention(nn.Module):
             q, k = torch.cat([q[:n], q[:n]]), torch.cat([k[:n], k[:n]])
         n, L, c = q.shape
         q, k, v = (a.view(n, -1, self.heads, c // self.heads).transpose(1, 2) for a in (q, k, v))  # N nh L hs
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(n, L, c))
 
 

@@ -7,6 +7,7 @@ Decoder fed by the reference's encoder features. API: load_pipeline() + animate(
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -19,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
-from data import tqdm, write_video
+from data import plain_warnings, tqdm, write_video
 from model import (DTYPES, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json, save_motion_module,
                    save_unet)
 from vae import VAE, load_vae, save_vae
@@ -79,7 +80,11 @@ def load_image(image, height, width):
                 image = ImageOps.exif_transpose(f)  # a loaded copy
         except UnidentifiedImageError:
             raise UnidentifiedImageError(f"cannot read image {image}: not an image format Pillow knows") from None
-    img = image.convert("RGBA")  # any mode (L, P, RGBA, ...) -> RGB with transparency over white
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit / 32-bit greyscale: to 8 bits first
+        a = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((a / 257 if image.mode.startswith("I;16") or a.max() > 255 else a).clip(0, 255)
+                                .round().astype(np.uint8))
+    img = image.convert("RGBA")  # any mode (L, P, RGBA, CMYK, ...) -> RGB with transparency over white
     img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
     s = max(width / img.width, height / img.height)
     w, h = max(width, round(img.width * s)), max(height, round(img.height * s))
@@ -210,6 +215,10 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
         raise ValueError(f"--shared-noise {shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
     if not 1 <= steps <= TRAIN_STEPS:
         raise ValueError(f"--steps {steps}: want 1 to {TRAIN_STEPS} DDIM steps")
+    u = pipe.unet.config
+    if u.motion_modules and frames > u.motion_max_len:
+        raise ValueError(f"--frames {frames}: the motion module's positional encoding holds {u.motion_max_len} frames; "
+                         f"use --frames {u.motion_max_len} or fewer")
     vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
     vdt = next(vae.parameters()).dtype
     img = (image if torch.is_tensor(image) else load_image(image, height, width))[None].to(dev, vdt)  # 1 3 H W
@@ -270,6 +279,8 @@ def check_args(args):
         raise ValueError(f"--steps {args.steps}: want 1 to {TRAIN_STEPS} DDIM steps (FLASH uses 25)")
     if args.frames is not None and args.frames < 2:
         raise ValueError(f"--frames {args.frames}: want at least 2 (frame 1 is the reference image)")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: want a finite scale (FLASH uses 7.5; <= 1 turns CFG off)")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps {args.fps}: want a positive frame rate")
     if not 0 <= args.shared_noise < 1:
@@ -373,4 +384,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    plain_warnings()
     main()

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from data import decoder_distort, load_videos, sample_clip, strong_augment, tqdm, write_video
+from data import decoder_distort, load_videos, plain_warnings, sample_clip, strong_augment, tqdm, write_video
 from model import autocast_dtype, read_json
-from sample import alphas_cumprod, animate, encode_prompt, load_pipeline
+from sample import alphas_cumprod, animate, encode_prompt, load_image, load_pipeline
 from vae import load_vae
 
 
@@ -334,8 +334,8 @@ def check_args(args):
         raise ValueError(f"--tau {args.tau} / --corr-prob {args.corr_prob}: want 0 <= tau < 100, 0 <= p <= 1")
     if args.stage == "decoder" and not 1 <= args.decoder_frames <= args.frames:
         raise ValueError("--decoder-frames must be between 1 and --frames")
-    if args.sample_image and not os.path.isfile(args.sample_image):
-        raise FileNotFoundError(f"--sample-image not found: {args.sample_image}")
+    if args.sample_image:  # read now: an unreadable image must not surface after hours of training
+        load_image(args.sample_image, args.height, args.width)
     check_writable(args.out, "--out")
 
 
@@ -377,6 +377,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main()
     except torch.cuda.OutOfMemoryError:

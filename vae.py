@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import load_checked, load_state_dict_file, read_json
+from model import attention, load_checked, load_state_dict_file, read_json
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)[:, None]  # B 1 (H W) C
-        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        h = attention(self.to_q(h), self.to_k(h), self.to_v(h))
         h = self.to_out[0](h[:, 0]).transpose(1, 2).reshape(B, C, H, W)
         return x + h
 
@@ -137,7 +137,7 @@ class DetailBlock(nn.Module):
         q = split(self.to_q(self.patch_in(patches(h))))
         gp = self.patch_in(patches(g[:1]))  # keys/values from the one reference frame, shared by all N frames
         k, v = split(self.to_k(gp)).expand(N, -1, -1, -1), split(self.to_v(gp)).expand(N, -1, -1, -1)
-        t = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, Hp * Wp, -1)
+        t = attention(q, k, v).transpose(1, 2).reshape(N, Hp * Wp, -1)
         return self.to_out(t).view(N, Hp, Wp, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
 
     def forward(self, h, g):
