@@ -33,9 +33,9 @@ class CLIPTextConfig:
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, causal=True):
         super().__init__()
-        self.n_head = c.num_attention_heads
+        self.n_head, self.causal = c.num_attention_heads, causal
         d = c.hidden_size
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
@@ -43,16 +43,16 @@ class CLIPAttention(nn.Module):
         B, L, C = x.shape
         q, k, v = (p(x).view(B, L, self.n_head, C // self.n_head).transpose(1, 2)  # B nh L hs
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = attention(q, k, v, causal=True)  # token i sees tokens <= i
+        y = attention(q, k, v, causal=self.causal)  # causal (text): token i sees tokens <= i; ViT: all patches
         return self.out_proj(y.transpose(1, 2).reshape(B, L, C))
 
 
 class CLIPLayer(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, causal=True):
         super().__init__()
         self.act = c.hidden_act
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.self_attn = CLIPAttention(c)
+        self.self_attn = CLIPAttention(c, causal)
         self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import bench as B
 import data
 import demo
+import eval as E
 import model as M
 import sample as S
 import train as T
@@ -938,6 +939,257 @@ class TestCLIP:
         # byte-level ids feed the tiny model end to end
         assert CLIPTextModel(CLIPTextConfig(**CLIP_TINY))(tok(["a cat", "a dog"])).shape == (2, 77, 32)
 
+
+
+# ----------------------------------------------------------------------------- eval.py helpers
+
+CLIP_VISION_TINY = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=56,
+                        patch_size=14)
+
+
+def hf_clip_model(eos_token_id=2, seed=0):
+    """A tiny transformers CLIPModel with random weights; eos_token_id 2 is the legacy value of OpenAI's configs"""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(text_config=dict(CLIP_TINY, hidden_act="quick_gelu", bos_token_id=0, pad_token_id=1,
+                                                   eos_token_id=eos_token_id, max_position_embeddings=77),
+                                  vision_config=dict(CLIP_VISION_TINY, hidden_act="quick_gelu"), projection_dim=24)
+    return randomize_(transformers.CLIPModel(cfg), seed)
+
+
+def save_hf_clip(hf, folder):
+    """The layout of openai/clip-vit-large-patch14 on the hub: config.json, model.safetensors, vocab.json, merges.txt"""
+    hf.save_pretrained(folder)
+    save_tokenizer(byte_vocab(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    hf = hf_clip_model()
+    return hf, save_hf_clip(hf, tmp_path_factory.mktemp("clip") / "clip-vit-large-patch14")
+
+
+def hf_features(hf, images=None, ids=None):
+    """transformers' projected CLIP features, L2-normalised: images (uint8 H W 3 list) through CLIPImageProcessorPil
+    (transformers' CLIPImageProcessor without torchvision) at the tiny model's size, or token ids"""
+    transformers = pytest.importorskip("transformers")
+    with torch.no_grad():
+        if images is not None:
+            s = hf.config.vision_config.image_size
+            proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+            out = hf.get_image_features(pixel_values=proc([Image.fromarray(a) for a in images],
+                                                          return_tensors="pt").pixel_values)
+        else:
+            out = hf.get_text_features(input_ids=ids)
+    out = getattr(out, "pooler_output", out)  # transformers 5 returns an output object
+    return (out / out.norm(dim=-1, keepdim=True)).double().numpy()
+
+
+def disc_frames(T=12, size=64):
+    """A disc gliding 2 px per frame over a smooth background: consecutive frames are the most alike"""
+    yy, xx = np.mgrid[0:size, 0:size]
+    bg = np.stack([xx * 255 // size, yy * 255 // size, np.full_like(xx, 90)], -1)
+    frames = np.repeat(bg[None], T, 0).astype(np.uint8)
+    for t in range(T):
+        frames[t][(yy - 32) ** 2 + (xx - 10 - 2 * t) ** 2 < 100] = (250, 240, 20)
+    return frames
+
+
+# ====================================================================================================
+class TestEval:
+    """eval.py: the CLIP ViT-L/14 vision tower and projections, CLIP preprocessing, the App. A3.3 metrics, the CLI"""
+
+    def test_clip_model_parity_with_transformers(self, clip_dir, tmp_path):
+        hf, folder = clip_dir
+        model, tok = E.load_clip(folder)
+        px = torch.randn(3, 3, 56, 56, generator=gen(0))
+        ids = torch.cat([tok(["a person waving", "", "a disc jumps to the right"]), rand_ids(B=2)])
+        ids[3:, 30] = 7  # random rows: an id 7 (the eos of the second config) before their largest id
+        with torch.no_grad():
+            out = hf.get_image_features(pixel_values=px)  # random pixels: the tower alone, no preprocessing
+            ref_img = getattr(out, "pooler_output", out)
+            ref_img = (ref_img / ref_img.norm(dim=-1, keepdim=True)).double().numpy()
+            img, txt = model.encode_image(px).double().numpy(), model.encode_text(ids).double().numpy()
+        ref_txt = hf_features(hf, ids=ids)
+        errs = [np.abs(a - b).max() / np.abs(b).max() for a, b in ((img, ref_img), (txt, ref_txt),
+                                                                   (img @ txt.T, ref_img @ ref_txt.T))]
+        print(f"relative max diff: image {errs[0]:.1e}, text {errs[1]:.1e}, cosine {errs[2]:.1e}")
+        assert max(errs) <= 1e-4 and img.shape == (3, 24) and txt.shape == (5, 24)
+        assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-6)
+        # the other pooling rule (a config whose eos_token_id is not the legacy 2): first position of that id
+        hf7 = hf_clip_model(eos_token_id=7)
+        model7, _ = E.load_clip(save_hf_clip(hf7, tmp_path / "eos7"))
+        with torch.no_grad():
+            txt7 = model7.encode_text(ids).double().numpy()
+        assert np.abs(txt7 - hf_features(hf7, ids=ids)).max() <= 1e-4
+        # pytorch_model.bin (weights_only) with the old files' position_ids buffers, one of them float-corrupted
+        sd = load_file(folder / "model.safetensors")
+        sd["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.float32)[None] + 0.4999
+        sd["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+        shutil.copytree(folder, tmp_path / "bin", ignore=shutil.ignore_patterns("model.safetensors"))
+        torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+        again, _ = E.load_clip(tmp_path / "bin")
+        with torch.no_grad():
+            assert torch.equal(again.encode_image(px), model.encode_image(px))
+            assert torch.equal(again.encode_text(ids), model.encode_text(ids))
+
+    def test_preprocess_matches_clip_image_processor(self, tmp_path):
+        """CLIPImageProcessorPil = transformers' CLIPImageProcessor without torchvision (the PIL path).
+        Measured max abs difference after normalisation: 0.0 on every size and mode below."""
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.CLIPImageProcessorPil()
+        rng, worst = np.random.default_rng(0), 0.0
+        for h, w in [(37, 81), (300, 17), (224, 224), (225, 224), (224, 227), (333, 500), (1, 5), (97, 1001)]:
+            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            ours = E.preprocess(a[None])
+            assert ours.shape == (1, 3, 224, 224)
+            worst = max(worst, (ours - hf(Image.fromarray(a), return_tensors="pt").pixel_values).abs().max().item())
+        # other modes, as files read the way eval.py reads a reference image (at its own size: no resize there)
+        rgb = rng.integers(0, 256, (45, 71, 3), dtype=np.uint8)
+        rgba = Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (45, 71), dtype=np.uint8)]), "RGBA")
+        pal = Image.fromarray(rgb).convert("P")
+        pal.info["transparency"] = 0
+        modes = {"l.png": Image.fromarray(rgb).convert("L"), "p.png": Image.fromarray(rgb).convert("P"),
+                 "p_transparent.png": pal, "rgba.png": rgba, "la.png": rgba.convert("LA"),
+                 "cmyk.jpg": Image.fromarray(rgb).convert("CMYK")}
+        for name, im in modes.items():
+            im.save(tmp_path / name)
+            with Image.open(tmp_path / name) as f:
+                ref = hf(f, return_tensors="pt").pixel_values
+            worst = max(worst, (E.preprocess(E.read_reference(tmp_path / name, 45, 71)[None]) - ref).abs().max().item())
+        print(f"max abs difference after normalisation: {worst:.1e}")
+        assert worst <= 1e-6
+
+    def test_full_size_clip_model_on_meta(self):
+        with torch.device("meta"):
+            model = E.CLIPModel()
+        n = lambda prefix: sum(p.numel() for k, p in model.named_parameters() if k.startswith(prefix))
+        assert n("vision_model.") == 303_179_776 and n("text_model.") == 123_060_480
+        assert n("visual_projection.") == 786_432 and n("text_projection.") == 589_824
+        assert n("") == 427_616_513
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.CLIPConfig(projection_dim=768, text_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=224, patch_size=14))
+        with torch.device("meta"):
+            hf = transformers.CLIPModel(cfg)
+        hf_sd = {k: v for k, v in hf.state_dict().items() if not k.endswith("position_ids")}
+        assert sum(p.numel() for p in hf.parameters()) == 427_616_513
+        assert set(model.state_dict()) == set(hf_sd)
+        assert all(v.shape == hf_sd[k].shape for k, v in model.state_dict().items())
+
+    def test_clip_folder_strict_loading(self, clip_dir, tmp_path):
+        _, folder = clip_dir
+        good = load_file(folder / "model.safetensors")
+        shutil.copytree(folder, tmp_path / "c")
+        key = "vision_model.encoder.layers.1.mlp.fc1.weight"
+        for sd, match in (({k: v for k, v in good.items() if k != key}, r"1 missing key\(s\): " + key),
+                          ({**good, "vision_model.x": torch.zeros(1)}, r"1 unexpected key\(s\): vision_model.x"),
+                          ({**good, key: torch.zeros(96, 47)}, r"1 mis-shaped key\(s\): " + key)):
+            save_file(sd, tmp_path / "c" / "model.safetensors")
+            with pytest.raises(ValueError, match=match):
+                E.load_clip(tmp_path / "c")
+
+    def test_metric_properties(self, clip_dir, tmp_path):
+        hf, folder = clip_dir
+        model, tok = E.load_clip(folder)
+        frames = disc_frames()
+        Image.fromarray(frames[0]).save(tmp_path / "ref.png")
+        ref = E.embed_images(model, E.read_reference(tmp_path / "ref.png", 64, 64)[None])[0]
+        text = E.embed_text(model, tok, "a disc glides to the right")
+        static = E.clip_scores(E.embed_images(model, np.repeat(frames[:1], 8, 0), batch=3), text, ref)
+        assert static["temporal_consistency"] == pytest.approx(100, abs=1e-4)
+        assert static["image_alignment"] == pytest.approx(100, abs=1e-4)
+        moving = E.embed_images(model, frames, batch=5)
+        in_order = E.clip_scores(moving, text, ref)
+        for seed in range(5):
+            perm = np.random.default_rng(seed).permutation(len(frames))
+            shuffled = E.clip_scores(moving[perm], text, ref)
+            assert shuffled["temporal_consistency"] < in_order["temporal_consistency"] < 100
+            # the other two are means over frames: the order does not matter
+            for k in ("text_alignment", "image_alignment"):
+                assert shuffled[k] == pytest.approx(in_order[k], abs=1e-9)
+        # against transformers' features and the A3.3 formulas written out; frame 1 dropped with first_frame=False
+        f, t, r = hf_features(hf, images=frames), hf_features(hf, ids=tok("a disc glides to the right"))[0], \
+            hf_features(hf, images=[E.read_reference(tmp_path / "ref.png", 64, 64)])[0]
+        for first, g in ((True, f), (False, f[1:])):
+            want = {"text_alignment": 100 * np.mean(g @ t), "image_alignment": 100 * np.mean(g @ r),
+                    "temporal_consistency": 100 * np.mean([g[i] @ g[i + 1] for i in range(len(g) - 1)])}
+            got = E.clip_scores(moving, text, ref, first_frame=first)
+            assert all(got[k] == pytest.approx(want[k], abs=1e-3) for k in want), (got, want)
+
+    def test_cli_on_sample_and_demo_outputs(self, clip_dir, sd, fast_run, tmp_path, capsys):
+        hf, folder = clip_dir
+        common = ["--image", sd / "ref.png", "--base", sd, "--motion-module", sd / "motion_module.safetensors",
+                  "--prompt", "a person waving", "--height", 64, "--width", 64, "--frames", 4, "--steps", 1,
+                  "--device", "cpu"]
+        procs = [cli(*common, "--seed", 1, "--out", tmp_path / "sample" / "a.mp4"),
+                 cli(*common, "--seed", 2, "--out", tmp_path / "sample" / "pngs")]  # a frame folder + pngs.json
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        E.main(list(map(str, ["--videos", tmp_path / "sample", "--clip", folder, "--out", tmp_path / "s.json"])))
+        out = capsys.readouterr().out
+        assert "Text Alignment" in out and "mean ± std over 2 videos" in out and "CD-FVD are not implemented" in out
+        res = json.loads((tmp_path / "s.json").read_text())
+        rows = res["variants"]["videos"]["videos"]
+        assert [Path(r["video"]).name for r in rows] == ["a.mp4", "pngs"]
+        assert all(r["prompt"] == "a person waving" and r["reference"] == str(sd / "ref.png") for r in rows)
+        assert {"first_frame", "frames", "preprocess", "reference", "text"} <= set(res["settings"])
+        t = hf_features(hf, ids=Tokenizer(*byte_vocab())("a person waving"))[0]
+        r = hf_features(hf, images=[E.read_reference(sd / "ref.png", 64, 64)])[0]
+        for row in rows:  # the JSON against transformers' features and the formulas written out
+            f = hf_features(hf, images=data.read_video(row["video"])[0])
+            assert row["frames"] == 4
+            assert row["text_alignment"] == pytest.approx(100 * np.mean(f @ t), abs=1e-3)
+            assert row["image_alignment"] == pytest.approx(100 * np.mean(f @ r), abs=1e-3)
+            assert row["temporal_consistency"] == pytest.approx(100 * np.mean(np.sum(f[1:] * f[:-1], 1)), abs=1e-3)
+        mean = res["variants"]["videos"]["text_alignment"]
+        assert mean["mean"] == pytest.approx(np.mean([x["text_alignment"] for x in rows]), abs=1e-3)
+        assert mean["std"] == pytest.approx(np.std([x["text_alignment"] for x in rows]), abs=1e-3)
+        # the demo's videos (no JSON beside them: prompt and reference from the command line)
+        gifs = sorted(Path(fast_run["out"]).rglob("*.gif"))
+        assert gifs
+        data.write_video(data.read_video(gifs[0])[0][:1], tmp_path / "ref_png")  # any image will do as a reference
+        E.main(list(map(str, ["--videos", *gifs, "--clip", folder, "--prompt", "a disc jumps", "--reference",
+                              tmp_path / "ref_png" / "frame_000.png", "--out", tmp_path / "d.json", "--first-frame",
+                              "exclude"])))
+        demo_res = json.loads((tmp_path / "d.json").read_text())
+        assert demo_res["variants"]["videos"]["n_videos"] == len(gifs)
+        assert demo_res["settings"]["first_frame"].startswith("excluded")
+        # Table 2 style: one row per variant
+        capsys.readouterr()
+        E.main(["--compare", f"sample={tmp_path / 'sample'}", f"mp4={tmp_path / 'sample' / 'a.mp4'}",
+                "--clip", str(folder), "--out", str(tmp_path / "c.json")])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("variant") and lines[1].startswith("sample") and lines[2].startswith("mp4")
+        res_c = json.loads((tmp_path / "c.json").read_text())["variants"]
+        assert res_c["mp4"]["videos"][0] == rows[0] and res_c["sample"]["videos"] == rows
+
+    def test_eval_bad_input_matrix(self, clip_dir, bad_files, tmp_path):
+        _, folder = clip_dir
+        d, out = bad_files, lambda name: tmp_path / f"{name}.json"
+        data.write_video(disc_frames(4), tmp_path / "v" / "v.gif")  # no JSON beside it
+        Image.fromarray(disc_frames(1)[0]).save(tmp_path / "ref.png")
+        shutil.copytree(folder, tmp_path / "clip_cut")
+        (tmp_path / "clip_cut" / "model.safetensors").write_bytes(b"\x00" * 100)
+        shutil.copytree(folder, tmp_path / "clip_no_config", ignore=shutil.ignore_patterns("config.json"))
+        base = ["--videos", tmp_path / "v", "--clip", folder, "--prompt", "p", "--reference", tmp_path / "ref.png",
+                "--out", "OUT"]
+        cases = [("no_videos", set_flag(base, "--videos", d / "empty"), "no videos found"),
+                 ("not_a_video", set_flag(base, "--videos", d / "a_file"), "not a video file"),
+                 ("unreadable_video", set_flag(base, "--videos", d / "junk"), "a.mp4: cannot read video"),
+                 ("no_prompt", [a for a in base if a not in ("--prompt", "p")], "v.gif: no prompt"),
+                 ("no_reference", set_flag(base, "--reference", d / "missing.png"), "reference image not found"),
+                 ("garbage_reference", set_flag(base, "--reference", d / "garbage.png"), "cannot read image"),
+                 ("no_clip", set_flag(base, "--clip", d / "missing_clip"), "--clip"),
+                 ("clip_no_config", set_flag(base, "--clip", tmp_path / "clip_no_config"), "no config.json"),
+                 ("clip_cut", set_flag(base, "--clip", tmp_path / "clip_cut"), "truncated or corrupt"),
+                 ("one_frame", set_flag(base, "--max-frames", 1), "--max-frames"),
+                 ("unwritable_out", set_flag(base, "--out", d / "a_file" / "x.json"), "cannot write there")]
+        cases = [(n, [str(out(n)) if a == "OUT" else a for a in argv], m) for n, argv, m in cases]
+        run_matrix("eval.py", cases, lambda name: [out(name)])
 
 
 # ====================================================================================================
