@@ -2,7 +2,8 @@
 Data for FLASH (arXiv 2503.00276): reading the ≤16 example videos, sampling training clips, the strong
 augmentation of the Motion Alignment Module (Sec. 3.2 / A3.2), the distortions used to train the Detail
 Enhancement Decoder (Sec. 3.3 / A3.2).
-Colour ops follow torchvision's ColorJitter semantics on [0,1] images; everything is plain torch, seeded by
+Colour ops follow torchvision's ColorJitter semantics on [0,1] images, the elastic field its ElasticTransform's;
+captions come from name.txt sidecars or a captions.json (joint multi-action training, Table A1); plain torch, seeded by
 an explicit torch.Generator, with one random draw per clip unless stated otherwise.
 """
 import os
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageSequence
 import imageio.v3 as iio
+
+from model import read_json
 
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".gif")
 FRAME_EXTS = (".png", ".jpg", ".jpeg")
@@ -116,12 +119,26 @@ class Video:
     fps: float
     caption: str
 
-def load_videos(folder, prompt, frames=16, stride=1, short_side=None):
+def read_captions(folder, names):
+    """`folder`/captions.json, a JSON object {video file or frame-folder name: caption}, -> dict ({} if absent).
+    An entry that names no video in the folder, or a caption that is not a non-empty string, is an error."""
+    path = Path(folder) / "captions.json"
+    if not path.is_file(): return {}
+    caps = read_json(path)
+    unknown = sorted(set(caps) - set(names))
+    if unknown: raise ValueError(f"{path}: {', '.join(unknown)} not among the videos in {folder}")
+    bad = [k for k, c in caps.items() if not isinstance(c, str) or not c.strip()]
+    if bad: raise ValueError(f"{path}: want a non-empty caption string for {', '.join(bad)}")
+    return {k: c.strip() for k, c in caps.items()}
+
+def load_videos(folder, prompt, frames=16, stride=4, short_side=None):
     """Every video file (VIDEO_EXTS) and every sub-folder of png/jpg frames in `folder`, decoded once.
-    Caption: a sidecar `<name>.txt` next to the video overrides `prompt`.
+    Caption of each video, first found: a sidecar `<name>.txt`, its entry in `folder`/captions.json, `prompt`.
+    Several captions = joint training over several actions (FLASH Table A1).
     stride: a clip takes every stride-th *source* frame (no fps resampling), so it spans 1+(frames-1)*stride
-    source frames and plays at fps/stride. Videos shorter than that are skipped with a warning; if all are
-    skipped, or any video cannot be read, a ValueError names the folder / the file."""
+    source frames and plays at fps/stride; a video too short for that uses the largest stride that fits
+    (clip_stride; the table below shows each video's). Videos with fewer than `frames` frames are skipped with a
+    warning; if all are skipped, or any video cannot be read, a ValueError names the folder / the file."""
     folder = Path(folder)
     if not folder.is_dir(): raise ValueError(f"{folder}: video folder does not exist")
     need = 1 + (frames - 1) * stride
@@ -130,30 +147,34 @@ def load_videos(folder, prompt, frames=16, stride=1, short_side=None):
     if not entries:
         raise ValueError(f"{folder}: no videos found (accepted: {', '.join(VIDEO_EXTS)} files, "
                          f"or sub-folders of numbered {', '.join(FRAME_EXTS)} frames)")
+    captions = read_captions(folder, [p.name for p in entries])
     videos = []
     for p in entries:
         arr, fps = read_video(p, short_side)
-        if len(arr) < need:
-            warnings.warn(f"{p}: only {len(arr)} frames, a clip needs {need} "
-                          f"(frames={frames}, stride={stride}); skipped")
+        if len(arr) < frames:
+            warnings.warn(f"{p}: only {len(arr)} frames, a clip needs at least {frames} (frames={frames}); skipped")
             continue
         txt = p.with_suffix(".txt") if p.is_file() else p.parent / (p.name + ".txt")
-        caption = txt.read_text().strip() if txt.is_file() else ""
-        caption = caption or prompt or ""
-        if not caption: raise ValueError(f"{p}: no caption (pass a prompt or add {txt.name})")
+        caption = (txt.read_text().strip() if txt.is_file() else "") or captions.get(p.name) or prompt or ""
+        if not caption: raise ValueError(f"{p}: no caption (pass a prompt, add {txt.name} or a captions.json entry)")
         videos.append(Video(str(p), arr, fps, caption))
-    if not videos: raise ValueError(f"{folder}: all {len(entries)} videos are shorter than {need} frames")
+    if not videos: raise ValueError(f"{folder}: all {len(entries)} videos are shorter than {frames} frames")
     print(f"load_videos: {folder}")
     for v in videos:
         T, H, W, _ = v.frames.shape
-        print(f"  {Path(v.path).name:<28} {T:5d} frames {v.fps:6.2f} fps {W}x{H}  '{v.caption}'")
+        s = clip_stride(T, frames, stride)
+        note = f" (too short for stride {stride}: {need} frames)" if s < stride else ""
+        print(f"  {Path(v.path).name:<28} {T:5d} frames {v.fps:6.2f} fps {W}x{H}  stride {s}{note}  '{v.caption}'")
     lo, hi = min(v.fps for v in videos), max(v.fps for v in videos)
-    print(f"  total: {len(videos)} videos, {sum(len(v.frames) for v in videos)} frames, fps {lo:.2f}-{hi:.2f}; "
-          f"clip = {frames} frames x stride {stride} = {need} source frames ({lo / stride:.2f}-{hi / stride:.2f} fps)")
+    rates = [v.fps / clip_stride(len(v.frames), frames, stride) for v in videos]
+    n_caps = len({v.caption for v in videos})
+    print(f"  total: {len(videos)} videos, {sum(len(v.frames) for v in videos)} frames, fps {lo:.2f}-{hi:.2f}, "
+          f"{n_caps} caption{'s' * (n_caps > 1)}; clip = {frames} frames x stride {stride} = {need} source frames "
+          f"({min(rates):.2f}-{max(rates):.2f} fps)")
     return videos
 
 # -----------------------------------------------------------------------------
-# clip sampling: random start, flip, aspect-preserving crop, antialiased resize
+# clip sampling: stride, start (random or the first frame), flip, aspect-preserving crop, antialiased resize
 
 def _rand(g, lo=0.0, hi=1.0, shape=()):
     return lo + (hi - lo) * torch.rand(shape, generator=g, device=g.device)
@@ -161,20 +182,34 @@ def _rand(g, lo=0.0, hi=1.0, shape=()):
 def _randint(g, lo, hi):  # integer in [lo, hi)
     return int(torch.randint(lo, hi, (1,), generator=g, device=g.device))
 
-def sample_clip(video, frames, stride, height, width, generator, scale=(0.8, 1.0), flip=True):
-    """-> (F,3,height,width) float in [-1,1]. Crops the largest box of the target aspect ratio times a scale in
-    `scale`, at a random place, then resizes: never stretches. Horizontal flip with p=0.5 when `flip`."""
+def clip_stride(T, frames, stride):
+    """The stride a clip of `frames` frames takes from a T-frame video: `stride`, or the largest that fits
+    (1 + (frames-1) stride <= T) when the video is too short for it; 0 when not even stride 1 fits."""
+    return min(stride, (T - 1) // (frames - 1)) if T >= frames else 0
+
+def clip_indices(T, frames, stride, start, generator):
+    """Source frame indices of one clip: stride = clip_stride(T, frames, stride); start "random" (AnimateDiff's
+    dataset: uniform over every start that fits) or "first" (frame 0, the action's start, as FLASH's test
+    references are first frames, A3.1). The random start is drawn either way: the same random stream."""
+    s = clip_stride(T, frames, stride)
+    if s < 1: raise ValueError(f"video has {T} frames, a clip needs {frames}")
+    if start not in ("random", "first"): raise ValueError(f"clip start {start!r}: want 'random' or 'first'")
+    i0 = _randint(generator, 0, T - (1 + (frames - 1) * s) + 1)
+    return list(range(0 if start == "first" else i0, T, s))[:frames]
+
+def sample_clip(video, frames, stride, height, width, generator, scale=(0.8, 1.0), flip=True, start="random"):
+    """-> (F,3,height,width) float in [-1,1], from the source frames clip_indices() picks. Crops the largest box of
+    the target aspect ratio times a scale in `scale`, at a random place, then resizes: never stretches.
+    Horizontal flip with p=0.5 when `flip`."""
     arr = video.frames if isinstance(video, Video) else video
     T, H, W, _ = arr.shape
-    need = 1 + (frames - 1) * stride
-    if T < need: raise ValueError(f"video has {T} frames, a clip needs {need}")
-    start = _randint(generator, 0, T - need + 1)
+    idx = clip_indices(T, frames, stride, start, generator)
     flip = bool(_rand(generator) < 0.5) and flip  # drawn either way: the same random stream
     ch, cw = (H, H * width / height) if W * height >= H * width else (W * height / width, W)  # max crop
     s = float(_rand(generator, *scale))
     ch, cw = max(1, min(H, round(ch * s))), max(1, min(W, round(cw * s)))
     y0, x0 = _randint(generator, 0, H - ch + 1), _randint(generator, 0, W - cw + 1)
-    x = torch.from_numpy(arr[start:start + need:stride, y0:y0 + ch, x0:x0 + cw]).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(arr[idx, y0:y0 + ch, x0:x0 + cw]).permute(0, 3, 1, 2).float()
     if flip: x = x.flip(-1)
     x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return (x / 127.5 - 1).clamp(-1, 1)
@@ -232,14 +267,25 @@ def color_jitter(x, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, order
     for i in order: x = ops[int(i)](x)
     return x
 
+def elastic_field(N, H, W, alpha, generator, sigma=5.0):
+    """-> (N,2,H,W) displacements (dx, dy) in pixels, one field per image, as torchvision's
+    ElasticTransform(alpha, sigma).get_params draws them: per image, uniform noise in [-1,1] for dx then dy, each
+    blurred by a Gaussian of sigma (kernel int(8 sigma + 1), made odd; capped to fit images under 4 sigma, where
+    torchvision would fail) and scaled by alpha/size in normalised [-1,1] coordinates, i.e. alpha/2 x the blurred
+    noise in pixels (x by the width, y by the height, as torchvision since its fix of dx/H, vision#9299; the same
+    for square frames). At sigma 5 the blurred noise has std ~0.033: alpha 20 moves a pixel 0.27 px on average
+    (per axis), ~2 px at most over a 512^2 frame."""
+    k = int(8 * sigma + 1)
+    k = min(k + (k % 2 == 0), 2 * min(H, W) - 1)  # odd; reflect padding needs k // 2 < H, W
+    noise = torch.stack([_rand(generator, -1, 1, (2, H, W)) for _ in range(N)])  # N 2 H W: dx, dy per image
+    return gaussian_blur(noise, k, sigma) * alpha / 2
+
 def elastic_transform(x, alpha, generator, sigma=5.0):
-    """x (N,C,H,W); an independent uniform random displacement field per image, Gaussian-smoothed (sigma px, as
-    torchvision) and scaled so its peak is `alpha` pixels (torchvision instead scales by alpha/H, which makes
-    alpha=20 a ~0.3 px shift); bilinear resampling, reflection at the borders. alpha=0 is the identity."""
+    """x (N,C,H,W) -> x resampled at (q + dx, p + dy), elastic_field's independent field per image (FLASH A2.3/A3.2:
+    torchvision's ElasticTransform, displacement strength alpha); bilinear, reflection at the borders (torchvision
+    fills with 0, a black sliver the decoder would learn to undo). alpha=0 is the identity."""
     N, _, H, W = x.shape
-    d = _rand(generator, -1, 1, (N, 2, H, W)).to(x)
-    d = gaussian_blur(d, min(2 * round(3 * sigma) + 1, 2 * (min(H, W) // 2) - 1), sigma)
-    d = d / d.abs().amax((-2, -1), keepdim=True).clamp_min(1e-8) * alpha  # pixels, peak = alpha
+    d = elastic_field(N, H, W, alpha, generator, sigma).to(x)
     ys = torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device).view(1, H, 1).expand(N, H, W)
     xs = torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device).view(1, 1, W).expand(N, H, W)
     grid = torch.stack([xs + d[:, 0] * 2 / W, ys + d[:, 1] * 2 / H], -1)  # N H W 2, pixel centres + offsets
@@ -269,7 +315,7 @@ def decoder_distort(clip, generator, p_none=0.2, grid=4, region_frac=0.8, alpha_
     """clip (F,3,H,W) in [-1,1]. With prob p_none unchanged; otherwise a random non-empty subset of
     blur (odd kernel in [3,10], sigma in [0.1,2]); colour jitter (b/c/s in [0.7,1.3], hue in [-0.2,0.2]) on
     round(region_frac*grid^2) randomly chosen cells of a grid x grid split of each frame, an independent draw
-    per frame and cell; elastic transform with peak displacement alpha ~ U(alpha_range) pixels."""
+    per frame and cell; elastic transform (torchvision semantics, sigma 5) of strength alpha ~ U(alpha_range)."""
     g, (Fn, _, H, W) = generator, clip.shape
     p = dict(ops=[])
     if float(_rand(g)) < p_none: return (clip, p) if return_params else clip

@@ -38,10 +38,15 @@ class UNetConfig:
 
 # ----------------------------------------------------------------------------- building blocks
 
-def attention(q, k, v, causal=False):
+def attention(q, k, v, causal=False, chunk=0):
     """The one attention entry point (U-Net, motion modules, VAE, detail decoder, CLIP): softmax(q k^T / sqrt(hs)) v
-    over q, k, v (..., L, hs) through PyTorch's SDPA, which picks the flash / memory-efficient kernels on a GPU."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    over q, k, v (..., L, hs) through PyTorch's SDPA, which picks the flash / memory-efficient kernels on a GPU.
+    chunk > 0 (not with causal): the queries in slices of `chunk` rows, one SDPA call each, so at most chunk x L_k
+    scores per head exist at once whichever kernel SDPA picks (its math fallback materialises them, the fused
+    kernels never do); the result is the same up to float rounding."""
+    if causal or chunk <= 0 or q.shape[-2] <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=-2)], dim=-2)
 
 
 def group_norm(norm, x, frames, pooled):

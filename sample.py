@@ -134,7 +134,9 @@ def load_pipeline(base, motion_module=None, checkpoints=(), device=None, dtype=N
     if verbose:
         n = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.4g}M"
         mm = sum(p.numel() for k, p in pipe.unet.named_parameters() if "motion_modules." in k) / 1e6
-        dec = ("on" if detail else "off (--no-detail)") if pipe.vae.config.detail else "absent"
+        vc = pipe.vae.config
+        dec = (f"on ({'+'.join(vc.detail_branches)}{', full res' * vc.detail_full_res})" if detail else
+               "off (--no-detail)") if vc.detail else "absent"
         print(f"base {base} ({info['unet_format']}) | motion module {info.get('motion_version', 'none')} "
               f"({info.get('motion_format', '-')}) | checkpoints: {', '.join(info['checkpoints']) or 'none'}")
         print(f"U-Net {n(pipe.unet)} params (motion {mm:.4g}M) {str(dtype)[6:]} | VAE {n(pipe.vae)} "
@@ -153,10 +155,18 @@ def read_settings(path):
     return file, (read_json(s) if os.path.isfile(s) else {})
 
 
+def detail_overrides(settings):
+    """train.py settings (or args) -> the VAEConfig fields of the detail decoder they train: Table A2's branches and
+    full-resolution patch attention. Checkpoints from before these switches: both branches, not at full res."""
+    return dict(detail=True, detail_branches=tuple(settings.get("detail_branches", "warp,patch").split(",")),
+                detail_full_res=settings.get("detail_full_res") == "on")
+
+
 def apply_checkpoint(pipe, path):
     """Load a train.py checkpoint strictly: unet.* (motion modules, attn1.to_k/to_v) into the U-Net, vae.*
-    (decoder.detail.*) into the VAE, rebuilt with detail branches first if it has none. Returns its settings;
-    a "unet"-stage checkpoint's settings become animate()'s size defaults."""
+    (decoder.detail.*) into the VAE, rebuilt first with the detail branches its settings name (detail_overrides)
+    unless it has exactly those; every branch weight must be there. Returns its settings; a "unet"-stage
+    checkpoint's settings become animate()'s size defaults."""
     file, settings = read_settings(path)
     parts = {"unet": {}, "vae": {}}
     for k, v in load_state_dict_file(file).items():
@@ -168,15 +178,19 @@ def apply_checkpoint(pipe, path):
     if parts["unet"] and want and want != have:
         raise ValueError(f"checkpoint {file} was trained with motion module {want} ({settings.get('motion_module')})"
                          f" but {have or 'none'} is loaded: pass --motion-module")
-    if parts["vae"] and not pipe.vae.config.detail:
+    cfg = replace(pipe.vae.config, **detail_overrides(settings))
+    if parts["vae"] and cfg != pipe.vae.config:
         old, p = pipe.vae, next(pipe.vae.parameters())
-        pipe.vae = VAE(replace(old.config, detail=True))
-        missing, unexpected = pipe.vae.load_state_dict(old.state_dict(), strict=False)
+        pipe.vae = VAE(cfg)
+        base = {k: v for k, v in old.state_dict().items() if ".detail." not in k}
+        missing, unexpected = pipe.vae.load_state_dict(base, strict=False)
         assert not unexpected and all(".detail." in k for k in missing)  # only the branches loaded below
         pipe.vae.to(p.device, p.dtype).eval()
+    branches = [k for k in pipe.vae.state_dict() if ".detail." in k]  # a decoder checkpoint holds them all
     for name, sd in parts.items():
         if sd:
-            load_checked(getattr(pipe, name), sd, f"checkpoint {file} ({name}.*)", keys=list(sd))
+            load_checked(getattr(pipe, name), sd, f"checkpoint {file} ({name}.*)",
+                         keys=branches if name == "vae" else list(sd))
     pipe.info["checkpoints"].append(file)
     if parts["unet"] and settings.get("stage", "unet") == "unet":
         pipe.info["settings"] = settings
@@ -293,6 +307,11 @@ def check_args(args):
             raise PermissionError(f"--out {args.out}: cannot write there ({parent} is not a writable folder)")
 
 
+def prompt_words(prompt):
+    """a prompt -> its first words as a file-name part: 'a person is shooting...' -> a_person_is_shooting..."""
+    return "_".join(re.findall(r"[a-z0-9]+", prompt.lower())[:6])[:60] or "video"
+
+
 def run(args):
     check_args(args)  # fail fast: before any weights are read
     ckpts = [read_settings(c) for c in args.checkpoint]
@@ -303,7 +322,10 @@ def run(args):
     if s.get("height") and (h, w) != (s["height"], s.get("width")) and not args.force_size:
         raise ValueError(f"checkpoint {ck_file} was trained at {s['height']}x{s.get('width')}, you asked for "
                          f"{h}x{w} (use --force-size to override)")
-    prompt = args.prompt if args.prompt is not None else s.get("prompt")
+    caps = s.get("captions") or ([s["prompt"]] if s.get("prompt") else [])  # what the checkpoint trained on
+    if args.prompt is None and len(caps) > 1:  # joint training: the action to animate must be named
+        raise ValueError(f"--prompt is required: checkpoint {ck_file} learnt {len(caps)} captions: {'; '.join(caps)}")
+    prompt = args.prompt if args.prompt is not None else (caps[0] if caps else None)
     if prompt is None:
         raise ValueError("--prompt is required (no --checkpoint with a training prompt was given)")
     frames, fps = args.frames or s.get("frames", 16), args.fps or s.get("fps", 8)
@@ -315,10 +337,11 @@ def run(args):
             raise FileNotFoundError(f"{what} not found: {p}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     image = load_image(args.image, h, w)  # an unreadable image fails here, still before the weights
-    words = "_".join(re.findall(r"[a-z0-9]+", prompt.lower())[:6])[:60] or "video"
-    out = Path(args.out or f"samples/{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{words}.mp4")
+    out = Path(args.out or f"samples/{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{prompt_words(prompt)}.mp4")
     pipe = load_pipeline(base, mm, args.checkpoint, args.device, args.dtype, not args.no_detail, args.tokenizer,
                          args.vae_dtype)
+    if args.no_detail_full_res:
+        pipe.vae.full_res_attention(False)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -329,6 +352,7 @@ def run(args):
     meta = dict(image=os.path.abspath(args.image), prompt=prompt, negative_prompt=args.negative_prompt, frames=frames,
                 steps=args.steps, guidance=args.guidance, seed=seed, height=h, width=w, fps=fps,
                 adain=not args.no_adain, shared_noise=args.shared_noise, detail=last["detail"],
+                detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
                 device=str(pipe.device), dtype=str(pipe.dtype)[6:], vae_dtype=args.vae_dtype, out=str(out),
                 sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
                 motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
@@ -346,7 +370,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="FLASH (arXiv 2503.00276): animate a reference image into a video.")
     # inputs
     p.add_argument("--image", required=True, help="reference image = frame 1 (any size/mode; scaled + centre-cropped)")
-    p.add_argument("--prompt", help="text prompt (default: the checkpoint's training prompt)")
+    p.add_argument("--prompt", help="text prompt (default: the checkpoint's caption; needed if it learnt several)")
     p.add_argument("--negative-prompt", default="", help="prompt of the unconditional CFG branch")
     # weights
     p.add_argument("--base", help="SD-1.5 diffusers folder or single file (default: the checkpoint's)")
@@ -364,6 +388,9 @@ def main(argv=None):
     p.add_argument("--no-adain", action="store_true", help="turn off LAMP's AdaIN on the latents")
     p.add_argument("--shared-noise", type=float, default=0.0, help="LAMP shared-noise alpha (LAMP: 0.2; 0 = off)")
     p.add_argument("--no-detail", action="store_true", help="decode with the plain SD decoder (ablation)")
+    p.add_argument("--no-detail-full-res", action="store_true",
+                   help="skip the detail decoder's full-resolution patch attention if it was trained with it "
+                        "(4.4 TFLOP per 512^2 frame; an approximation)")
     # output and runtime
     p.add_argument("--fps", type=float, help="playback fps (default: the checkpoint's, else 8)")
     p.add_argument("--out", help=".mp4, .gif, or a folder for PNG frames (default: samples/<time>-<seed>-<prompt>.mp4)")

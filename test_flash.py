@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -449,7 +450,6 @@ class TestUNet:
 
     def test_cross_frame_parity_with_diffusers_processor(self, written):
         """Oracle: diffusers' attention with a processor that concatenates the first frame's keys/values."""
-        import torch.nn.functional as F
         d, unet2d, adapter = written
         frames = 4
 
@@ -773,6 +773,80 @@ class TestVAE:
             t = blk.patch_attention(torch.randn(2, 8, 4, 6), g)
             mean = g.view(8, 2, 2, 3, 2).mean(dim=(1, 3))  # mean over the 2x3 grid of reference patches
             close(t, mean[None].repeat(2, 1, 2, 3), tol=1e-5)
+
+    def test_full_res_patch_attention_is_softmax_in_chunks(self, monkeypatch):
+        """detail_full_res: patch attention at the full-resolution scale too, = softmax(Q K^T / sqrt(d)) V computed
+        directly, run as model.attention's query chunks (no call sees more than chunk x L_k scores)."""
+        vae = randomize_(VAE(VAEConfig(**VAE_TINY, detail=True, detail_full_res=True, detail_attn_chunk=16)), 4)
+        blk = vae.decoder.detail["3"]  # the full-resolution block (channels 32)
+        assert blk.attn and "decoder.detail.3.to_q.weight" in vae.state_dict()
+        assert "decoder.detail.3.to_q.weight" not in VAE(VAEConfig(**VAE_TINY, detail=True)).state_dict()
+        h, g = torch.randn(2, 32, 12, 16, generator=gen(1)), torch.randn(1, 32, 12, 16, generator=gen(2))
+        calls = []
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda q, k, v, **kw: calls.append((q.shape[-2], k.shape[-2])) or sdpa(q, k, v, **kw))
+        with torch.no_grad():
+            t = blk.patch_attention(h, g)
+            # direct: 2x2 patches by F.unfold, one FC layer, per-head softmax(q k^T / sqrt(d)) v, patches back by F.fold
+            pq = blk.patch_in(F.unfold(h, 2, stride=2).transpose(1, 2))  # N L (C 2 2)
+            pk = blk.patch_in(F.unfold(g, 2, stride=2).transpose(1, 2))
+            q, k, v = blk.to_q(pq), blk.to_k(pk), blk.to_v(pk)
+            heads = []
+            for i in range(blk.heads):
+                sl = slice(i * 64, (i + 1) * 64)  # dim 256 / 4 heads
+                scores = q[..., sl] @ k[..., sl].transpose(1, 2) / 64 ** 0.5  # N x 48 x 48: the full matrix
+                heads.append(torch.softmax(scores, -1) @ v[..., sl])
+            hand = F.fold(blk.to_out(torch.cat(heads, -1)).transpose(1, 2), (12, 16), 2, stride=2)
+        close(t, hand, tol=1e-5)
+        assert calls == [(16, 48)] * 3  # 48 patch queries in chunks of 16, each against all 48 keys
+        calls.clear()
+        blk.chunk = 0
+        with torch.no_grad():
+            close(blk.patch_attention(h, g), hand, tol=1e-5)
+        assert calls == [(48, 48)]  # chunk 0: one call
+        blk.chunk = 16
+        # the whole decoder runs it, and sample.py --no-detail-full-res skips only that block
+        z, ref = torch.randn(1, 4, 6, 8, generator=gen(3)), vae.encoder_features(images(1, 48, 64))
+        with torch.no_grad():
+            for m in vae.decoder.detail.values():  # non-zero fusion, so every branch shows in the output
+                m.fuse[2].weight.normal_(0, 0.05, generator=gen(4))
+            calls.clear()
+            full = vae.decode(z, ref=ref)
+            assert (16, 24 * 32) in calls  # full resolution 48x64: 24x32 = 768 patch tokens
+            vae.full_res_attention(False)
+            calls.clear()
+            skipped = vae.decode(z, ref=ref)
+            assert calls and max(k for _, k in calls) < 768 and not torch.equal(full, skipped)
+            vae.full_res_attention(True)
+            assert torch.equal(vae.decode(z, ref=ref), full)
+
+    @pytest.mark.parametrize("branches,full_res", [(("warp",), False), (("patch",), False), (("patch",), True),
+                                                   (("warp", "patch"), False), (("warp", "patch"), True)])
+    def test_detail_branch_switches_exact_parameters(self, branches, full_res):
+        """Table A2's decoder ablations build only the chosen branches: parameter count from the layer formulas."""
+        vae = VAE(VAEConfig(**VAE_TINY, detail=True, detail_branches=branches, detail_full_res=full_res))
+        conv = lambda cin, cout, k=3: cin * cout * k * k + cout
+        lin = lambda cin, cout: cin * cout + cout
+        # VAE_TINY channels (32, 32, 64, 64): h = the inputs of up blocks 0-2 (64, 64, 64) and the last block's
+        # output (32); g = the encoder maps of equal size, H/8 .. H (64, 64, 32, 32)
+        h_ch, g_ch, expect = (64, 64, 64, 32), (64, 64, 32, 32), 0
+        for i, (h, g) in enumerate(zip(h_ch, g_ch)):
+            warp_n = conv(2 * h, 64) + 2 * conv(64, 64) + conv(64, 2) if "warp" in branches else 0  # N: 4 convs
+            attn_n = (lin(4 * h, 256) + 3 * lin(256, 256) + lin(256, 4 * h)
+                      if "patch" in branches and (i < 3 or full_res) else 0)  # FC per patch, A, FC back
+            if warp_n or attn_n:
+                expect += conv(g, h, 1) + conv(2 * h, 64) + conv(64, h) + warp_n + attn_n  # g~ projection, M
+        names = [n for n, _ in vae.named_parameters() if ".detail." in n]
+        assert sum(p.numel() for n, p in vae.named_parameters() if ".detail." in n) == expect
+        assert any(".warp." in n for n in names) == ("warp" in branches)
+        assert any(".patch_in." in n for n in names) == ("patch" in branches)
+        assert any(n.startswith("decoder.detail.3.") for n in names) == ("warp" in branches or full_res)
+        with torch.no_grad():
+            out = vae.decode(torch.randn(2, 4, 6, 8), ref=vae.encoder_features(images(1, 48, 64)))
+        assert out.shape == (2, 3, 48, 64)
+        with pytest.raises(ValueError, match="detail_branches"):
+            VAE(VAEConfig(**VAE_TINY, detail=True, detail_branches=("warp", "flow")))
 
     def test_detail_shapes_and_gradients(self):
         vae = randomize_(VAE(VAEConfig(**VAE_TINY, detail=True)))
@@ -1251,7 +1325,7 @@ class TestData:
         with pytest.raises(ValueError, match=r"y\.gif: cannot read video"):
             data.load_videos(tmp_path, "p")
 
-    def test_short_videos_skipped(self, tmp_path):
+    def test_short_videos_skipped_or_strided_down(self, tmp_path, capsys):
         data.write_video(ramp_frames(5), tmp_path / "short.gif", fps=8)
         with pytest.warns(UserWarning), pytest.raises(ValueError, match="shorter than 16"):
             data.load_videos(tmp_path, "p", frames=16)
@@ -1259,9 +1333,28 @@ class TestData:
         with pytest.warns(UserWarning, match=r"short\.gif: only 5 frames"):
             vids = data.load_videos(tmp_path, "p", frames=16)
         assert [v.path.split("/")[-1] for v in vids] == ["long.gif"]
-        with pytest.warns(UserWarning) as rec, pytest.raises(ValueError):
+        capsys.readouterr()
+        with pytest.warns(UserWarning, match="short"):  # stride 3 needs 1 + 7*3 = 22 frames: 20 take stride 2
             data.load_videos(tmp_path, "p", frames=8, stride=3)
-        assert any("long.gif: only 20 frames, a clip needs 22" in str(w.message) for w in rec)  # 1 + 7*3
+        out = capsys.readouterr().out
+        assert re.search(r"long\.gif .* stride 2 \(too short for stride 3: 22 frames\)", out), out
+        assert "(4.00-4.00 fps)" in out  # the clip's rate at the stride actually used: 8 fps / 2
+
+    def test_captions_json_sidecars_and_prompt(self, tmp_path):
+        for name in ("a.mp4", "b.mp4", "c.mp4"):
+            data.write_video(ramp_frames(16), tmp_path / name, fps=8)
+        (tmp_path / "captions.json").write_text(json.dumps({"a.mp4": "a person waves", "b.mp4": "a person jumps"}))
+        (tmp_path / "b.txt").write_text("a person jumps high")  # a sidecar beats captions.json
+        vids = data.load_videos(tmp_path, "a person runs", frames=16)
+        assert [v.caption for v in vids] == ["a person waves", "a person jumps high", "a person runs"]
+        with pytest.raises(ValueError, match=r"c\.mp4: no caption.*captions\.json"):
+            data.load_videos(tmp_path, None, frames=16)
+        (tmp_path / "captions.json").write_text(json.dumps({"a.mp4": "x", "missing.mp4": "y"}))
+        with pytest.raises(ValueError, match=r"captions\.json: missing\.mp4 not among the videos"):
+            data.load_videos(tmp_path, "p", frames=16)
+        (tmp_path / "captions.json").write_text(json.dumps({"a.mp4": 3}))
+        with pytest.raises(ValueError, match="non-empty caption string for a.mp4"):
+            data.load_videos(tmp_path, "p", frames=16)
 
     # ------------------------------------------------------------------------- clip sampling
 
@@ -1277,6 +1370,31 @@ class TestData:
         for s in range(5):
             grey = (data.sample_clip(v, 8, 3, 24, 24, gen(s), scale=(0.3, 0.3))[:, 0, 12, 12] + 1) * 127.5
             assert torch.allclose(grey.diff(), torch.full((7,), 30.0), atol=0.5)  # every 3rd source frame
+
+    def test_clip_frame_indices_each_start_and_short_video(self):
+        """The source frames a clip takes, read back from the clip (frame i of the ramp video is grey 10 i):
+        --clip-start first = 0, s, 2s, ...; random = a uniform start over every start that fits; a video too short
+        for the stride takes the largest that fits, (T - 1) // (frames - 1)."""
+        def indices(n, frames, stride, start, seed):
+            grey = np.repeat(np.arange(0, 10 * n, 10, dtype=np.uint8), 8 * 8 * 3).reshape(n, 8, 8, 3)
+            clip = data.sample_clip(data.Video("mem", grey, 8.0, "p"), frames, stride, 8, 8, gen(seed), start=start)
+            return ((clip[:, 0, 4, 4] + 1) * 127.5 / 10).round().long().tolist()
+
+        for n, frames, stride, s in ((25, 4, 4, 4), (25, 4, 8, 8), (20, 8, 4, 2), (8, 8, 4, 1)):  # (n-1)//(F-1)
+            span = 1 + (frames - 1) * s
+            assert data.clip_stride(n, frames, stride) == s and span <= n
+            for seed in range(3):
+                assert indices(n, frames, stride, "first", seed) == list(range(0, span, s))
+            starts = [indices(n, frames, stride, "random", seed) for seed in range(120)]
+            assert all(ix == list(range(ix[0], ix[0] + span, s)) for ix in starts)  # stride s from its start
+            assert {ix[0] for ix in starts} == set(range(n - span + 1))  # every start that fits, nothing else
+        assert data.clip_stride(7, 8, 4) == 0
+        with pytest.raises(ValueError, match="a clip needs 8"):
+            indices(7, 8, 4, "first", 0)
+        g1, g2 = gen(3), gen(3)  # both modes draw the same random numbers: crop and flip do not depend on it
+        data.sample_clip(ramp_frames(25), 4, 4, 24, 24, g1, start="first")
+        data.sample_clip(ramp_frames(25), 4, 4, 24, 24, g2, start="random")
+        assert torch.equal(g1.get_state(), g2.get_state())
 
     @pytest.mark.parametrize("out_hw", [(32, 32), (32, 40)])
     def test_sample_clip_never_stretches(self, out_hw):
@@ -1358,6 +1476,7 @@ class TestData:
                 assert p["kernel"] in (3, 5, 7, 9) and 0.1 <= p["sigma"] <= 2.0
             if "elastic" in p["ops"]:
                 assert 1.0 <= p["alpha"] <= 20.0
+
             if "jitter" in p["ops"]:
                 m = p["regions"]
                 assert m.shape == (3, 4, 4) and (m.flatten(1).sum(1) == 13).all()  # round(0.8 * 16) per frame
@@ -1374,12 +1493,51 @@ class TestData:
         assert torch.equal(changed, p["regions"])  # exactly the chosen cells change
         assert abs(changed.float().mean().item() - 0.8) < 0.05
 
-    def test_elastic_transform(self):
+    @staticmethod
+    def torchvision_field(n, H, W, alpha, g, sigma=5.0):
+        """torchvision's ElasticTransform.get_params re-derived in plain torch (torchvision is not installed): per
+        image, uniform noise in [-1, 1] for dx then dy, a k x k Gaussian (k = int(8 sigma + 1), odd) with reflect
+        padding, scaled by alpha/size in normalised [-1, 1] coordinates; returned in pixels (x size/2)."""
+        k = int(8 * sigma + 1)
+        k += k % 2 == 0
+        x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+        k1 = torch.exp(-0.5 * (x / sigma) ** 2)
+        k2 = (k1[:, None] * k1[None] / k1.sum() ** 2).view(1, 1, k, k)  # the 2-D kernel, not separable passes
+        fields = []
+        for _ in range(n):
+            dxy = []
+            for size in (W, H):  # dx by the width, dy by the height
+                d = torch.rand(1, 1, H, W, generator=g) * 2 - 1
+                d = F.conv2d(F.pad(d, [k // 2] * 4, mode="reflect"), k2) * alpha / size  # normalised
+                dxy.append(d * size / 2)  # -> pixels (align_corners=False: 2/size per pixel)
+            fields.append(torch.cat(dxy, 1))
+        return torch.cat(fields)
+
+    def test_elastic_field_is_torchvision_elastic_transform(self):
+        """FLASH A3.2: ElasticTransform, displacement strength alpha in [1, 20], sigma 5 (torchvision's default)."""
+        got = data.elastic_field(3, 64, 64, 20.0, gen(0))
+        assert got.shape == (3, 2, 64, 64)
+        close(got, self.torchvision_field(3, 64, 64, 20.0, gen(0)), tol=1e-5)  # same draws: the same field
+        for alpha in (1.0, 20.0):  # independent draws: the same statistics
+            ours, ref = data.elastic_field(16, 64, 64, alpha, gen(1)), self.torchvision_field(16, 64, 64, alpha, gen(2))
+            mean, ref_mean = ours.abs().mean().item(), ref.abs().mean().item()
+            peak, ref_peak = ours.abs().amax().item(), ref.abs().amax().item()
+            print(f"alpha {alpha:g}: mean |d| {mean:.4f} px (torchvision {ref_mean:.4f}), "
+                  f"max |d| {peak:.3f} px ({ref_peak:.3f})")
+            assert abs(mean / ref_mean - 1) < 0.1 and abs(peak / ref_peak - 1) < 0.3
+            assert mean < 0.02 * alpha and peak < 0.15 * alpha  # the old pixel-peak form: max |d| = alpha px
+
+    def test_elastic_transform_moves_pixels_by_the_field(self):
         x = torch.rand(2, 3, 20, 24, generator=gen(5))
         assert torch.allclose(data.elastic_transform(x, 0.0, gen(0)), x, atol=1e-5)
-        ramp = torch.arange(24.0).expand(1, 1, 20, 24).clone()  # x coordinate: output - input = x displacement
-        d = (data.elastic_transform(ramp, 5.0, gen(1)) - ramp)[..., 4:-4, 4:-4]  # away from the reflected border
-        assert 1.0 < d.abs().max() <= 5.0 + 1e-4
+        H, W = 40, 48
+        ramps = torch.stack([torch.arange(W * 1.0).expand(H, W), torch.arange(H * 1.0)[:, None].expand(H, W)])
+        ramps = ramps[None].expand(2, 2, H, W)  # channel 0 = x, channel 1 = y coordinate, 2 images
+        out = data.elastic_transform(ramps, 20.0, gen(1))
+        d = data.elastic_field(2, H, W, 20.0, gen(1))
+        inner = (..., slice(4, -4), slice(4, -4))  # away from the reflected border (|d| < 3 px)
+        close((out - ramps)[inner], d[inner], tol=1e-4)  # bilinear on a linear ramp: output - input = d
+        assert d.abs().amax() < 3
 
     # ------------------------------------------------------------------------- demo data
 
@@ -1682,6 +1840,89 @@ class TestTrain:
         last = np.mean([h["loss_ori"] + h["loss_aug"] for h in hist[-10:]])
         assert last < 0.8 * first, (first, last)
 
+    def test_null_text_dropout_rate(self, tiny):
+        """--null-text-prob p: the U-Net gets the empty prompt's embedding on a share p of the steps (AnimateDiff's
+        cfg_random_null_text_ratio), else the caption's; 0 = never. A stub U-Net records the context it is fed."""
+        class ContextRecorder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.motion_modules = nn.Linear(1, 1)  # one trainable tensor, named as train.py expects
+                self.gradient_checkpointing, self.seen = False, []
+
+            def forward(self, x, t, ctx):
+                self.seen.append(ctx[0].clone())
+                return x * self.motion_modules.weight.sum()
+
+        pipe = S.load_pipeline(tiny / "pipe", verbose=False)
+        null, cap = S.encode_prompt(pipe, [""]), S.encode_prompt(pipe, ["a disc jumps"])
+        for p, steps in ((0.25, 300), (0.0, 40)):
+            args = T.get_parser().parse_args(map(str, train_argv(
+                tiny, tiny / f"null{p}", "--steps", steps, "--null-text-prob", p, "--frames", 4, "--height", 32,
+                "--width", 32, "--no-strong-aug", "--save-every", 1000, "--log-every", 1000)))
+            T.check_args(args)
+            videos = [data.Video("mem", ramp_frames(8, 32, 32), 8.0, "a disc jumps")]
+            pipe.unet = ContextRecorder()
+            T.train(args, pipe, videos, [cap], log=lambda *a: None)
+            seen = pipe.unet.seen
+            is_null = [torch.equal(c, null[0]) for c in seen]
+            assert len(seen) == steps and all(n or torch.equal(c, cap[0]) for n, c in zip(is_null, seen))
+            print(f"null-text prob {p}: {sum(is_null)} of {steps} steps")
+            assert abs(sum(is_null) - p * steps) <= 3.5 * (steps * p * (1 - p)) ** 0.5  # binomial, 3.5 sigma
+
+    def test_joint_training_two_actions(self, tiny, tmp_path, monkeypatch, capsys):
+        """Joint training (Table A1): captions.json gives two actions; training feeds both captions' embeddings and
+        writes one periodic sample per caption, named by it."""
+        videos = tmp_path / "videos"
+        videos.mkdir()
+        for i in range(3):
+            shutil.copy(tiny / "videos" / f"clip{i}.mp4", videos / f"clip{i}.mp4")
+        caps = {"clip0.mp4": "a disc jumps to the right", "clip1.mp4": "a disc hops", "clip2.mp4": "a disc hops"}
+        (videos / "captions.json").write_text(json.dumps(caps))
+        Image.new("RGB", (64, 64), (40, 120, 200)).save(tmp_path / "ref.png")
+        fed = []
+        unet_loss = T.unet_loss
+        monkeypatch.setattr(T, "unet_loss", lambda unet, lat, t, noise, ctx, *a, **kw:
+                            fed.append(ctx.cpu().clone()) or unet_loss(unet, lat, t, noise, ctx, *a, **kw))
+        argv = [str(a) for a in set_flag(train_argv(tiny, tmp_path / "run", "--steps", 6, "--sample-image",
+                                                    tmp_path / "ref.png", "--sample-steps", 1, "--null-text-prob", 0),
+                                         "--videos", videos)]
+        T.main(argv[:argv.index("--prompt")] + argv[argv.index("--prompt") + 2:])  # no --prompt: captions only
+        settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+        assert settings["captions"] == ["a disc hops", "a disc jumps to the right"]
+        pipe = S.load_pipeline(tiny / "pipe", verbose=False)
+        for c in settings["captions"]:
+            assert any(torch.equal(f, S.encode_prompt(pipe, [c])) for f in fed), c  # both actions trained
+        assert sorted(os.listdir(tmp_path / "run" / "samples")) == ["step_000006_a_disc_hops.mp4",
+                                                                    "step_000006_a_disc_jumps_to_the_right.mp4"]
+        capsys.readouterr()
+        with pytest.raises(SystemExit):  # sample.py must be told which action
+            S.main(["--image", str(tmp_path / "ref.png"), "--checkpoint", str(tmp_path / "run"), "--out",
+                    str(tmp_path / "x.mp4")])
+        assert "error: --prompt is required" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
+
+    def test_decoder_branches_recorded_and_rebuilt_by_sample(self, tiny):
+        """--detail-branches / --detail-full-res (Table A2): only those branches train, the settings record them, and
+        sample.apply_checkpoint rebuilds the same decoder (a checkpoint whose settings disagree is an error)."""
+        runs = ((["--detail-branches", "warp"], ("warp",), False),
+                (["--detail-branches", "patch", "--detail-full-res", "on"], ("patch",), True))
+        for flags, branches, full_res in runs:
+            out = tiny / f"dec_{branches[0]}"
+            T.main(["--stage", "decoder", "--videos", str(tiny / "videos"), "--prompt", "x", "--base",
+                    str(tiny / "pipe"), "--frames", "8", "--height", "64", "--width", "64", "--out", str(out),
+                    "--steps", "1", "--decoder-frames", "2", "--log-every", "1", *flags])
+            settings = json.loads((out / "settings.json").read_text())
+            assert settings["detail_branches"] == ",".join(branches)
+            assert settings["detail_full_res"] == ("on" if full_res else "off")  # auto = off on the CPU
+            keys = load_file(out / "flash.safetensors")
+            want = VAE(VAEConfig(**PIPE_VAE, detail=True, detail_branches=branches, detail_full_res=full_res))
+            assert set(keys) == {f"vae.{k}" for k, _ in want.named_parameters() if ".detail." in k}
+            pipe = S.load_pipeline(tiny / "pipe", verbose=False)
+            S.apply_checkpoint(pipe, out)
+            assert pipe.vae.config.detail_branches == branches and pipe.vae.config.detail_full_res == full_res
+        shutil.copy(tiny / "dec_warp" / "flash.safetensors", tiny / "dec_patch" / "flash.safetensors")
+        with pytest.raises(ValueError, match="missing .*patch_in"):  # settings say patch, the weights are warp
+            S.apply_checkpoint(S.load_pipeline(tiny / "pipe", verbose=False), tiny / "dec_patch")
+
     def test_decoder_stage_trains_only_detail_branches(self, tiny):
         T.main(["--stage", "decoder", "--videos", str(tiny / "videos"), "--prompt", "x", "--base", str(tiny / "pipe"),
                 "--frames", "8", "--height", "64", "--width", "64", "--out", str(tiny / "dec"), "--steps", "2",
@@ -1734,11 +1975,13 @@ class Unpickler:
 def bad_files(tmp_path_factory, sd):
     """Every kind of broken input a new user hands the two command lines."""
     d = tmp_path_factory.mktemp("bad")
-    for name in ("empty", "junk", "short", "long", "ck_corrupt", "ck_wrong"):
+    for name in ("empty", "junk", "short", "long", "captions", "ck_corrupt", "ck_wrong"):
         (d / name).mkdir()
     (d / "junk" / "a.mp4").write_bytes(b"not a video at all")
     data.write_video(np.zeros((5, 64, 64, 3), np.uint8), d / "short" / "s.gif", fps=8)
     data.write_video(np.zeros((45, 64, 64, 3), np.uint8), d / "long" / "l.mp4", fps=8)
+    data.write_video(np.zeros((10, 64, 64, 3), np.uint8), d / "captions" / "a.mp4", fps=8)
+    (d / "captions" / "captions.json").write_text('{"a.mp4": "a person waves", "b.mp4": "a typo"}')
     (d / "garbage.png").write_bytes(os.urandom(300))
     (d / "a_file").write_text("a file, not a folder")
     mm = (sd / "motion_module.safetensors").read_bytes()
@@ -1811,6 +2054,9 @@ class TestBadInput:
                   "positional encoding holds 24"),
                  ("zero_steps", set_flag(base, "--steps", 0), "--steps 0"),
                  ("negative_lr", set_flag(base, "--lr", -1), "--lr"),
+                 ("null_text_prob", set_flag(base, "--null-text-prob", 1.5), "--null-text-prob 1.5"),
+                 ("unknown_branch", set_flag(base, "--detail-branches", "warp,flow"), "--detail-branches warp,flow"),
+                 ("captions_json_typo", set_flag(base, "--videos", d / "captions"), "b.mp4 not among the videos"),
                  ("bad_sample_image", set_flag(base, "--sample-image", d / "garbage.png"), "cannot read image"),
                  ("no_resume", set_flag(base, "--resume", d / "missing_run"), "--resume"),
                  ("unwritable_out", set_flag(base, "--out", d / "a_file" / "run"), "cannot create it")]

@@ -5,6 +5,9 @@ in one batch, with the same t and noise and a clean first frame; motion feature 
 correspondence alignment (the original's Q, K) in a random 50 % of the cross-frame attention layers; eps-MSE on
 frames 2..N of both clips. Only the motion modules and attn1.to_k/to_v train.
 Stage "decoder" (Sec. 3.3, A2.3): the Detail Enhancement Decoder's branches learn to restore distorted clips.
+Clips as AnimateDiff's dataset cuts them (A3.2 "we build upon the codebase of AnimateDiff"): 16 frames, stride 4;
+the caption dropped for 10 % of steps (null text, for classifier-free guidance); several captions in one folder
+train several actions jointly (Table A1).
     python train.py --videos dir/ --prompt "a person is ..." --base sd15/ --motion-module mm_sd_v15_v2.ckpt
 """
 import argparse
@@ -13,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 
@@ -21,9 +25,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from data import decoder_distort, load_videos, plain_warnings, sample_clip, strong_augment, tqdm, write_video
+from data import (clip_stride, decoder_distort, load_videos, plain_warnings, sample_clip, strong_augment, tqdm,
+                  write_video)
 from model import autocast_dtype, read_json
-from sample import alphas_cumprod, animate, encode_prompt, load_image, load_pipeline
+from sample import alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, prompt_words
 from vae import load_vae
 
 
@@ -32,9 +37,15 @@ def get_parser():
                                             "detail-enhancement decoder (stage decoder).")
     # Data
     p.add_argument("--videos", help="folder of example videos (mp4/mov/avi/webm/gif or folders of numbered frames)")
-    p.add_argument("--prompt", help="caption of the action (a name.txt beside a video overrides it)")
+    p.add_argument("--prompt", help="caption of the action (a name.txt beside a video, or its entry in the folder's "
+                                    "captions.json, overrides it; several captions = joint training)")
     p.add_argument("--frames", type=int, default=16, help="frames per training clip")
-    p.add_argument("--stride", type=int, default=1, help="take every stride-th source frame (clip fps = fps/stride)")
+    p.add_argument("--stride", type=int, default=4,  # AnimateDiff's sample_stride (A3.2: its codebase)
+                   help="take every stride-th source frame (clip fps = fps/stride; AnimateDiff: 4); a video too "
+                        "short for the span uses the largest stride that fits")
+    p.add_argument("--clip-start", choices=["first", "random"], default="first",  # A3.1: test images = first frames
+                   help="first: every clip starts at the video's first frame (the action's start, as the test "
+                        "references are first frames); random: anywhere that fits (AnimateDiff)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="no random horizontal flip (for actions whose direction matters)")
     p.add_argument("--height", type=int, default=512)
@@ -54,6 +65,13 @@ def get_parser():
                    help="cosine: p(t) ∝ 1 - alpha cos(pi t/T), favouring large t (ReVersion)")
     p.add_argument("--timestep-alpha", type=float, default=0.5,
                    help="alpha in [0, 1] of the cosine rule: 0 = uniform, 1 = strongest (p(0) = 0)")
+    p.add_argument("--null-text-prob", type=float, default=0.1,  # AnimateDiff's training config
+                   help="share of steps trained on the empty prompt, the unconditional branch of classifier-free "
+                        "guidance (AnimateDiff's cfg_random_null_text_ratio 0.1; 0 = off)")
+    # FLASH Detail Enhancement Decoder (Sec. 3.3); Table A2's branch ablations
+    p.add_argument("--detail-branches", default="warp,patch", help="decoder branches: warp, patch or warp,patch")
+    p.add_argument("--detail-full-res", choices=["auto", "on", "off"], default="auto",
+                   help="patch attention also at full resolution (65,536 tokens per 512^2 frame); auto = on on CUDA")
     # Optimisation
     p.add_argument("--steps", type=int, help="default 20000 (unet) / 10000 (decoder)")
     p.add_argument("--lr", type=float, help="default 5e-5 (unet) / 1e-4 (decoder)")
@@ -176,8 +194,9 @@ def unet_loss(unet, lat, t, noise, ctx, acp, autocast, motion_tau=None, corr_lay
     return (pred.float() - noise)[:, :, 1:].square().mean(dim=(1, 2, 3, 4))  # frames 2..N (LAMP)
 
 
-def unet_step(args, pipe, clip, embed, gen, autocast, acp, t_weights, n_layers):
-    """Motion Alignment Module step (Sec. 3.2): [original; strongly augmented] clip -> (summed loss, log row)."""
+def unet_step(args, pipe, clip, embed, null_embed, gen, autocast, acp, t_weights, n_layers):
+    """Motion Alignment Module step (Sec. 3.2): [original; strongly augmented] clip -> (summed loss, log row).
+    With probability args.null_text_prob the caption's embedding is replaced by the empty prompt's (AnimateDiff)."""
     dev, vae_dtype = pipe.device, next(pipe.vae.parameters()).dtype
     clips = [clip, strong_augment(clip, gen)] if args.strong_aug else [clip]
     x = torch.stack(clips).to(dev, torch.float32)  # B F 3 H W
@@ -188,7 +207,9 @@ def unet_step(args, pipe, clip, embed, gen, autocast, acp, t_weights, n_layers):
     noise = torch.randn(lat[:1].shape, generator=gen).to(dev)  # one t and one noise for both clips
     chosen = torch.randperm(n_layers, generator=gen)[: round(args.corr_prob * n_layers)].tolist()
     aligned = len(clips) == 2
-    per_clip = unet_loss(pipe.unet, lat, t, noise, embed.to(dev), acp, autocast,
+    # null text as AnimateDiff's training (cfg_random_null_text_ratio; A3.2 builds on its codebase): "" for CFG
+    ctx = null_embed if torch.rand((), generator=gen).item() < args.null_text_prob else embed
+    per_clip = unet_loss(pipe.unet, lat, t, noise, ctx.to(dev), acp, autocast,
                          args.tau if aligned and args.motion_align else None,
                          set(chosen) if aligned and args.corr_align else ())
     row = {"loss_ori": per_clip[0].item()} | ({"loss_aug": per_clip[1].item()} if aligned else {})
@@ -238,10 +259,13 @@ def resume(path, params, prefix, opt, gen, log):
     return state["step"], state["history"]
 
 
-def train(args, pipe, videos, embeds, log=print):
+def train(args, pipe, videos, embeds, log=print, null_embed=None):
     """The FLASH loop for either stage. pipe: sample.Pipeline; videos: data.load_videos(); embeds: per-video text
-    embeddings (unet stage). Returns the loss history. Resumes exactly from args.resume when given."""
+    embeddings, null_embed: the empty prompt's (unet stage; computed here with pipe's text encoder when None).
+    Returns the loss history. Resumes exactly from args.resume when given."""
     dev, unet_stage = pipe.device, args.stage == "unet"
+    if unet_stage and null_embed is None:
+        null_embed = encode_prompt(pipe, [""]).cpu()
     model, prefix = (pipe.unet, "unet.") if unet_stage else (pipe.vae, "vae.")
     params = trainable_parameters(model, args.stage)
     log(f"training {len(params)} tensors, {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters "
@@ -250,8 +274,11 @@ def train(args, pipe, videos, embeds, log=print):
     gen = torch.Generator().manual_seed(args.seed)
     step, history = resume(args.resume, params, prefix, opt, gen, log) if args.resume else (0, [])
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
-    settings.update(fps=round(videos[0].fps / args.stride, 3), motion_version=pipe.info.get("motion_version"),
+    clip_fps = statistics.median(v.fps / max(1, clip_stride(len(v.frames), args.frames, args.stride)) for v in videos)
+    settings.update(fps=round(clip_fps, 3), motion_version=pipe.info.get("motion_version"),
                     captions=sorted({v.caption for v in videos}))
+    words = [prompt_words(c) for c in settings["captions"]]  # sample file names, one per caption
+    sample_names = [w if words.count(w) == 1 else f"{w}_{i}" for i, w in enumerate(words)]
     autocast = torch.autocast(dev.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
     acp = alphas_cumprod().to(dev)
     t_weights = timestep_weights(args.timestep_alpha if args.timesteps == "cosine" else 0.0)
@@ -264,9 +291,10 @@ def train(args, pipe, videos, embeds, log=print):
     for step in tqdm(range(step, args.steps), desc=f"train {args.stage} (from step {step})"):
         t0 = time.time()
         vi = torch.randint(len(videos), (), generator=gen).item()
-        clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip)
+        clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip,
+                           start=args.clip_start)
         if unet_stage:
-            loss, row = unet_step(args, pipe, clip, embeds[vi], gen, autocast, acp, t_weights, n_layers)
+            loss, row = unet_step(args, pipe, clip, embeds[vi], null_embed, gen, autocast, acp, t_weights, n_layers)
         else:
             loss, row = decoder_step(args, pipe, clip, gen, autocast)
         loss.backward()
@@ -291,11 +319,12 @@ def train(args, pipe, videos, embeds, log=print):
             log(f"saved {save_checkpoint(args.out, step + 1, tensors, settings, state, args.keep)}")
         if sample_image and ((args.sample_every and (step + 1) % args.sample_every == 0) or last):
             model.eval()
-            with autocast:  # frozen weights are bf16/fp16 on GPU, the trained ones fp32
-                frames = animate(pipe, sample_image, settings["captions"][0], frames=args.frames,
-                                 steps=args.sample_steps, height=args.height, width=args.width, seed=args.seed,
-                                 progress=False)
-            write_video(frames, os.path.join(args.out, "samples", f"step_{step + 1:06d}.mp4"), settings["fps"])
+            for caption, name in zip(settings["captions"], sample_names):  # one video per caption (action)
+                with autocast:  # frozen weights are bf16/fp16 on GPU, the trained ones fp32
+                    frames = animate(pipe, sample_image, caption, frames=args.frames, steps=args.sample_steps,
+                                     height=args.height, width=args.width, seed=args.seed, progress=False)
+                write_video(frames, os.path.join(args.out, "samples", f"step_{step + 1:06d}_{name}.mp4"),
+                            settings["fps"])
             model.train()
     model.eval()
     if history:
@@ -330,6 +359,14 @@ def check_args(args):
         args.motion_align = args.corr_align = False  # alignment needs the augmented clip
     if not 0 <= args.timestep_alpha <= 1:
         raise ValueError(f"--timestep-alpha {args.timestep_alpha}: want 0 <= alpha <= 1")
+    if not 0 <= args.null_text_prob <= 1:
+        raise ValueError(f"--null-text-prob {args.null_text_prob}: want 0 <= p <= 1 (AnimateDiff: 0.1)")
+    branches = {b.strip() for b in args.detail_branches.split(",")} - {""}
+    if not branches or branches - {"warp", "patch"}:
+        raise ValueError(f"--detail-branches {args.detail_branches}: want warp, patch or warp,patch (Table A2)")
+    args.detail_branches = ",".join(b for b in ("warp", "patch") if b in branches)
+    if args.detail_full_res == "auto":  # on a GPU the fused SDPA kernels keep its memory O(tokens)
+        args.detail_full_res = "on" if str(args.device).startswith("cuda") else "off"
     if not 0 <= args.tau < 100 or not 0 <= args.corr_prob <= 1:
         raise ValueError(f"--tau {args.tau} / --corr-prob {args.corr_prob}: want 0 <= tau < 100, 0 <= p <= 1")
     if args.stage == "decoder" and not 1 <= args.decoder_frames <= args.frames:
@@ -364,14 +401,15 @@ def main(argv=None):
     if pipe.unet.config.motion_modules and args.frames > pipe.unet.config.motion_max_len:
         raise ValueError(f"--frames {args.frames}: the motion module's positional encoding holds "
                          f"{pipe.unet.config.motion_max_len} frames")
-    embeds = None
-    if args.stage == "unet":  # text embeddings once per caption, then the text encoder leaves the GPU
+    embeds = null_embed = None
+    if args.stage == "unet":  # text embeddings once per caption and for "" (null text), then the encoder leaves
         embeds = [encode_prompt(pipe, [v.caption]).cpu() for v in videos]
+        null_embed = encode_prompt(pipe, [""]).cpu()
         pipe.text_encoder.to("cpu")
     else:  # the SD VAE plus fresh (zero-fused) detail-enhancement branches, alone on the GPU
-        pipe.vae = load_vae(args.base, detail=True).to(args.device)
+        pipe.vae = load_vae(args.base, **detail_overrides(vars(args))).to(args.device)
         pipe.unet.to("cpu"), pipe.text_encoder.to("cpu")
-    train(args, pipe, videos, embeds)
+    train(args, pipe, videos, embeds, null_embed=null_embed)
     print(f"done: weights in {os.path.join(args.out, 'flash.safetensors')}; "
           f"sample with: python sample.py --checkpoint {args.out} --image ref.png")
 

@@ -3,6 +3,8 @@ SD-1.5 VAE (diffusers AutoencoderKL, same module names so its checkpoints load a
 Detail Enhancement Decoder: Warping and Patch Attention branches fused into every decoder scale
 (FLASH, arXiv 2503.00276, Sec. 3.3 Eq. 5-7 and App. A2.3). With detail=False, or ref=None, this is
 exactly the SD decoder; with fresh detail branches it is too (the fusion layer M starts at zero).
+VAEConfig switches: detail_branches (Table A2's warp-only / patch-only / both), detail_full_res (patch attention at
+full resolution too, in query chunks through model.attention).
 """
 import json
 import os
@@ -27,6 +29,9 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # SD-1.5 latent scale
     detail: bool = False             # add FLASH Detail Enhancement branches (decoder.detail.*)
+    detail_branches: tuple = ("warp", "patch")  # Table A2's decoder ablations: ("warp",), ("patch",) or both
+    detail_full_res: bool = False    # patch attention also at full resolution (65,536 patch tokens per 512^2 frame)
+    detail_attn_chunk: int = 1024    # queries per SDPA call in patch attention (model.attention's chunk)
 
 
 class ResnetBlock(nn.Module):
@@ -103,18 +108,18 @@ def warp(x, flow):
 
 class DetailBlock(nn.Module):
     """FLASH Detail Enhancement at one decoder scale (Sec. 3.3, A2.3): h_hat = h + M(h, g~) * (s + t)"""
-    def __init__(self, h_ch, g_ch, attn=True, width=64, dim=256, heads=4):
+    def __init__(self, h_ch, g_ch, warping=True, attn=True, width=64, dim=256, heads=4, chunk=0):
         super().__init__()
         self.proj = nn.Conv2d(g_ch, h_ch, 1)  # g~: the "fully connected layer" matching g's channels to h's
         self.warp = nn.Sequential(nn.Conv2d(2 * h_ch, width, 3, padding=1), nn.SiLU(),  # N: 4 convs -> (dx, dy)
                                   nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
                                   nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-                                  nn.Conv2d(width, 2, 3, padding=1))
+                                  nn.Conv2d(width, 2, 3, padding=1)) if warping else None
         self.fuse = nn.Sequential(nn.Conv2d(2 * h_ch, width, 3, padding=1), nn.SiLU(),  # M: 2 convs -> w
                                   nn.Conv2d(width, h_ch, 3, padding=1))
         nn.init.zeros_(self.fuse[2].weight)  # w = 0 at init: an untrained decoder is the SD decoder, bit-exact
         nn.init.zeros_(self.fuse[2].bias)
-        self.heads = heads
+        self.heads, self.chunk = heads, chunk
         if attn:  # patch attention A on 2x2 patches (patch size 2, A3.2)
             self.patch_in = nn.Linear(4 * h_ch, dim)  # one FC layer: 2x2 patch of h or g~ -> vector
             self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -137,7 +142,7 @@ class DetailBlock(nn.Module):
         q = split(self.to_q(self.patch_in(patches(h))))
         gp = self.patch_in(patches(g[:1]))  # keys/values from the one reference frame, shared by all N frames
         k, v = split(self.to_k(gp)).expand(N, -1, -1, -1), split(self.to_v(gp)).expand(N, -1, -1, -1)
-        t = attention(q, k, v).transpose(1, 2).reshape(N, Hp * Wp, -1)
+        t = attention(q, k, v, chunk=self.chunk).transpose(1, 2).reshape(N, Hp * Wp, -1)
         return self.to_out(t).view(N, Hp, Wp, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
 
     def forward(self, h, g):
@@ -146,7 +151,7 @@ class DetailBlock(nn.Module):
             g = F.interpolate(g, size=h.shape[-2:], mode="bilinear", align_corners=False)
         g = self.proj(g).expand(h.shape[0], -1, -1, -1)  # g~ (N,C,H,W)
         hg = torch.cat([h, g], dim=1)
-        s = warp(g, self.warp(hg))  # Warping branch
+        s = warp(g, self.warp(hg)) if self.warp is not None else 0  # Warping branch
         t = self.patch_attention(h, g) if self.attn else 0  # Patch Attention branch
         return h + self.fuse(hg) * (s + t)  # Eq. 7
 
@@ -201,23 +206,31 @@ class Decoder(nn.Module):
             # Scale pairing (SD-1.5, image H): detail.i for i < n-1 acts on the INPUT of up_blocks.i (H/8, H/4, H/2),
             # detail.{n-1} on the OUTPUT of the last up block (H, before conv_norm_out); each is paired with the
             # encoder map of equal size (Encoder feats, last map before each downsampler; channels rev[i]).
-            # Patch attention is skipped at full resolution: 512^2 gives 65536 patch tokens per frame, i.e.
-            # ~4 TFLOP/frame for A alone (more than the whole SD decoder); at H/2 it is 16384 tokens (~0.3 TFLOP).
+            # Patch attention at full resolution only with detail_full_res: 512^2 gives 65,536 patch tokens per
+            # frame, 4 L^2 dim = 4.4 TFLOP/frame for A alone (the whole SD decoder is 2.5); at H/2, 16,384 tokens
+            # (0.27 TFLOP). detail_branches builds only the chosen branches (Table A2); a scale left with neither
+            # has no block at all (ModuleDict: the keys stay decoder.detail.{i}.*).
+            branches = set(cfg.detail_branches)
+            if not branches or branches - {"warp", "patch"}:
+                raise ValueError(f"detail_branches {','.join(cfg.detail_branches)}: want warp, patch or warp,patch")
             h_ch = [rev[0]] + rev[:n - 2] + [rev[-1]]
-            self.detail = nn.ModuleList([DetailBlock(h_ch[i], rev[i], attn=i < n - 1) for i in range(n)])
+            attn = ["patch" in branches and (i < n - 1 or cfg.detail_full_res) for i in range(n)]
+            self.detail = nn.ModuleDict({str(i): DetailBlock(h_ch[i], rev[i], "warp" in branches, attn[i],
+                                                             chunk=cfg.detail_attn_chunk)
+                                         for i in range(n) if "warp" in branches or attn[i]})
 
     def forward(self, z, ref=None):
         h = run_mid(self.mid_block, self.conv_in(z))
         n = len(self.up_blocks)
         for i, blk in enumerate(self.up_blocks):
-            if ref is not None and i < n - 1:
-                h = self.detail[i](h, ref[i])
+            if ref is not None and i < n - 1 and str(i) in self.detail:
+                h = self.detail[str(i)](h, ref[i])
             for r in blk.resnets:
                 h = r(h)
             for u in blk.upsamplers:
                 h = u(h)
-        if ref is not None:
-            h = self.detail[n - 1](h, ref[n - 1])
+        if ref is not None and str(n - 1) in self.detail:
+            h = self.detail[str(n - 1)](h, ref[n - 1])
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
@@ -244,6 +257,13 @@ class VAE(nn.Module):
     def encoder_features(self, x):
         """reference image (1,3,H,W) in [-1,1] -> encoder maps at H/8, H/4, H/2, H (decoder order), for decode(ref=)"""
         return self.encoder(x, features=True)
+
+    def full_res_attention(self, on):
+        """Run (True) or skip (False) the full-resolution patch attention of a decoder built with detail_full_res
+        (sample.py --no-detail-full-res: saves its cost, but the decoder was trained with it: an approximation)."""
+        last = str(len(self.config.block_out_channels) - 1)
+        if self.config.detail and self.config.detail_full_res and last in self.decoder.detail:
+            self.decoder.detail[last].attn = on
 
     def decode(self, z, ref=None, chunk=4):
         """scaled latent (N,4,h,w) -> images (N,3,8h,8w) in ~[-1,1]; ref = encoder_features(first frame) or None"""
@@ -295,7 +315,7 @@ def load_vae(path, **overrides):
     else:
         raise ValueError(f"{path}: not a diffusers (vae) folder or a .safetensors/.ckpt VAE checkpoint")
     cfg = VAEConfig(**{**cfg, **overrides})
-    cfg.block_out_channels = tuple(cfg.block_out_channels)
+    cfg.block_out_channels, cfg.detail_branches = tuple(cfg.block_out_channels), tuple(cfg.detail_branches)
     if any(".down." in k or ".up." in k or ".mid." in k for k in sd):
         sd = ldm_to_diffusers(sd, len(cfg.block_out_channels))
     old = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # pre-0.14 diffusers names
