@@ -40,7 +40,12 @@ class UNetConfig:
 
 def attention(q, k, v, causal=False):
     """The one attention entry point (U-Net, motion modules, VAE, detail decoder, CLIP): softmax(q k^T / sqrt(hs)) v
-    over q, k, v (..., L, hs) through PyTorch's SDPA, which picks the flash / memory-efficient kernels on a GPU."""
+    over q, k, v (..., L, hs) through PyTorch's SDPA, which picks the flash / memory-efficient kernels on a GPU.
+    Meta tensors (bench.py --estimate) have no kernel choice and SDPA would take its math path with L x L scores:
+    they run the memory-efficient kernel's op instead, whose meta version allocates what the GPU's does (O(L))."""
+    if q.is_meta:  # the one estimate hook
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, torch.is_grad_enabled(),
+                                                                      is_causal=causal)[0]
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
