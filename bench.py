@@ -1,39 +1,56 @@
 """
-FLASH (arXiv 2503.00276) against diffusers on identical random weights, and against the hardware limit: U-Net forward
-on a CFG video batch (ours with cross-frame attention off / on vs UNetMotionModel), the guided 25-step sample + decode
-(vs AnimateDiffPipeline; FLASH also encodes a first frame, so the U-Net share is shown apart), one FLASH training step
-(two clips, gradient checkpointing, alignment on / off). FLOPs: 2 per multiply-add over convs, linears and attention
-matmuls, norms and elementwise ops left out (SD-1.5 U-Net: 0.803 TFLOP per 64x64-latent frame).
+FLASH (arXiv 2503.00276) against diffusers on identical random weights, against the hardware limit, and against a GPU
+it does not have. Rows: U-Net forward on a CFG video batch (ours with cross-frame attention off / on vs
+UNetMotionModel); the guided 25-step sample + decode (vs AnimateDiffPipeline; FLASH also encodes a first frame, so the
+U-Net share is shown apart); one FLASH training step as train.py runs it (both clips encoded, checkpointing, alignment
+on / off); the decoder-stage step; with --all each again under torch.compile, and every measured peak beside its
+estimate. FLOPs: 2 per multiply-add over convs, linears and attention matmuls, norms and elementwise ops left out
+(SD-1.5 U-Net: 0.803 TFLOP per 64x64-latent frame); training steps are counted by torch's FLOP formulas on the
+estimate's abstract run (recompute, backward and the VAE encode included).
+--estimate: the peak GPU memory of a training step or a sample at full size, on meta tensors (no weights allocated,
+no GPU): a tracker of live tensor bytes through forward, backward and AdamW, split by kind.
 diffusers + transformers are needed only for the comparison columns.
-    python bench.py --device cpu      # reduced size, 1 thread, < 2 min
-    python bench.py --device cuda     # full size, bf16; --json out.json keeps every number
+    python bench.py --estimate train [train.py's flags: --frames 16 --height 512 --no-gradient-checkpointing ...]
+    python bench.py --estimate sample [--frames 16 --height 512 --width 512 --vae-dtype fp32]
+    python bench.py --device cpu          # reduced size, 1 thread, a few minutes
+    python bench.py --device cuda --all   # full size, bf16, eager + compiled, writes bench_all.json
 """
 import argparse
 import gc
 import json
 import statistics
+import sys
 import tempfile
 import time
+import weakref
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
 
 import model as M
-from clip_text import CLIPTextConfig, CLIPTextModel, byte_vocab, save_tokenizer
-from sample import Pipeline, alphas_cumprod, animate, load_pipeline, save_pipeline
-from train import cross_frame_layers, is_trainable, set_alignment, unet_loss
-from vae import VAE, VAEConfig
+import train as T
+from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, byte_vocab, save_tokenizer
+from data import decoder_distort, strong_augment
+from sample import (TRAIN_STEPS, Pipeline, alphas_cumprod, animate, check_size, ddim_step, ddim_timesteps,
+                    encode_prompt, load_pipeline, save_pipeline)
+from vae import VAE, VAEConfig, load_vae
 
 PRESETS = {  # U-Net (UNetConfig fields), VAE (VAEConfig fields), CLIP (hidden, layers, heads), latent side, frames
     "full": dict(unet={}, vae={}, clip=(768, 12, 12), latent=64, frames=16),
     "cpu": dict(unet=dict(block_out_channels=(32, 64, 128, 128), attention_heads=2, motion_heads=2,
                           cross_attention_dim=64), vae=dict(block_out_channels=(32, 64, 128, 128)), clip=(64, 2, 2),
                 latent=16, frames=8),
-    "tiny": dict(unet=dict(block_out_channels=(32, 32, 64, 64), attention_heads=2, motion_heads=2, norm_num_groups=8,
-                           cross_attention_dim=16), vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8),
-                 clip=(16, 1, 2), latent=8, frames=4),
+    "tiny": dict(unet=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_heads=2, motion_heads=2,
+                           norm_num_groups=8, cross_attention_dim=16),
+                 vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8), clip=(16, 1, 2),
+                 latent=8, frames=4),
 }
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "4090": 165, "3090": 71}  # dense bf16
 PROMPT = "a person is dancing"
@@ -93,6 +110,262 @@ def train_flops(fwd, wgrad, checkpointing=True):
     """Frozen layers need no weight grads: forward + input grads (~1 forward) + the trainable set's weight grads,
     + one more forward when gradient checkpointing recomputes."""
     return fwd * (3 if checkpointing else 2) + wgrad
+
+
+# ----------------------------------------------------------------------------- memory estimate (no GPU, no weights)
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of meta-tensor storages: each is counted when an op creates it (rounded up to the CUDA caching
+    allocator's 512-byte blocks, as torch.cuda.max_memory_allocated counts) and dropped by a finalizer when it dies.
+    `peak` is the most ever live at once, `at_peak` its split by kind, `peak_phase` the phase it fell in, `phases`
+    each phase's peak; `flops` sums torch's FLOP formulas (torch.utils.flop_counter) over the ops run. Meta tensors
+    hold no values: `.item()` (a loss for a log line) reads 0."""
+
+    def __init__(self, block=512):
+        super().__init__()
+        self.block, self.live, self.kinds, self.total, self.peak, self.flops = block, {}, Counter(), 0, 0, 0
+        self.at_peak, self.phase, self.peak_phase, self.phases = {}, "", "", {}
+
+    def add(self, t, kind="activations, workspace"):
+        st = t.untyped_storage()
+        if id(st) in self.live:  # a view, an in-place result, a tensor already counted
+            return
+        n = -(-st.nbytes() // self.block) * self.block
+        self.live[id(st)] = [n, kind]
+        self.kinds[kind] += n
+        self.total += n
+        weakref.finalize(st, self.free, id(st))
+        self.phases[self.phase] = max(self.phases.get(self.phase, 0), self.total)
+        if self.total > self.peak:
+            self.peak, self.at_peak, self.peak_phase = self.total, dict(self.kinds), self.phase
+
+    def label(self, t, kind):
+        entry = self.live[id(t.untyped_storage())]
+        self.kinds[entry[1]] -= entry[0]
+        self.kinds[kind] += entry[0]
+        entry[1] = kind
+
+    def free(self, key):
+        n, kind = self.live.pop(key)
+        self.kinds[kind] -= n
+        self.total -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            return 0
+        out = func(*args, **kwargs)
+        if func.overloadpacket in flop_registry:
+            self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                self.add(t)
+        return out
+
+
+class MetaAutocast:
+    """CUDA autocast's cast policy (ATen autocast_mode.h) for meta tensors, which no autocast touches. While CPU
+    autocast is on (train.py's `with autocast:`, here torch.autocast("cpu", dtype); gradient checkpointing re-enters
+    it for its recompute as it would CUDA's), torch.nn.functional's convolutions and linears run in `dtype`, its
+    norms, upsampling and MSE in fp32; a trainable fp32 weight is cast once and the copy kept until autocast exits,
+    as autocast's weight cache does. Patches those six functions while the `with` block lasts."""
+    LOW, FP32 = ("conv2d", "linear"), ("group_norm", "layer_norm", "interpolate", "mse_loss")
+
+    def __init__(self, dtype):
+        self.dtype, self.cache, self.saved = dtype, {}, {}
+
+    def cast(self, a, to):
+        if not (isinstance(a, torch.Tensor) and a.is_meta and a.is_floating_point()) or a.dtype == to:
+            return a
+        if to == torch.float32 or not (torch.is_autocast_cache_enabled() and a.is_leaf and a.requires_grad):
+            return a.to(to)
+        if id(a) not in self.cache:
+            self.cache[id(a)] = a.to(to)
+        return self.cache[id(a)]
+
+    def policy(self, name, fn):
+        def cast_then(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                to = self.dtype if name in self.LOW else torch.float32
+                args, kwargs = tree_map(lambda a: self.cast(a, to), (args, kwargs))
+            return fn(*args, **kwargs)
+        return cast_then
+
+    def clear(self):  # torch.autocast's exit calls torch.clear_autocast_cache() when the outermost one ends
+        self.cache.clear()
+        self.saved["clear_autocast_cache"]()
+
+    def __enter__(self):
+        for name in self.LOW + self.FP32:
+            self.saved[name] = getattr(F, name)
+            setattr(F, name, self.policy(name, self.saved[name]))
+        self.saved["clear_autocast_cache"], torch.clear_autocast_cache = torch.clear_autocast_cache, self.clear
+        return self
+
+    def __exit__(self, *exc):
+        torch.clear_autocast_cache = self.saved.pop("clear_autocast_cache")
+        for name, fn in self.saved.items():
+            setattr(F, name, fn)
+        self.saved.clear()
+
+
+def train_args(stage="unet", frames=16, height=512, width=512, argv=()):
+    """train.py's settings: its own parser and defaults (stage None: argv's --stage)."""
+    t = T.get_parser().parse_args([*argv, *(["--stage", stage] if stage else []), "--frames", str(frames),
+                                   "--height", str(height), "--width", str(width)])
+    t.lr = t.lr or (5e-5 if t.stage == "unet" else 1e-4)  # as train.check_args
+    if not t.strong_aug:  # alignment needs the augmented clip
+        t.motion_align = t.corr_align = False
+    return t
+
+
+def train_setup(t, pipe):
+    """train.train()'s set-up on any device: the stage's trainable set in fp32, AdamW (foreach, CUDA's default),
+    gradient checkpointing as set -> (params, optimizer)."""
+    model = pipe.unet if t.stage == "unet" else pipe.vae
+    params = T.trainable_parameters(model, t.stage)
+    opt = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    if t.stage == "unet":
+        pipe.unet.gradient_checkpointing = t.gradient_checkpointing
+    model.train()
+    return params, opt
+
+
+def train_data(t, pipe, embed, seed=0):
+    """What train.train() hands its step: a host clip in [-1, 1] (F, 3, H, W), the caption's embedding, a CPU
+    generator, the noise schedule, the timestep weights, the count of cross-frame layers."""
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(clip=torch.rand(t.frames, 3, t.height, t.width, generator=g) * 2 - 1, embed=embed, gen=g,
+                           seed=seed, acp=alphas_cumprod().to(pipe.device), t_weights=T.timestep_weights(
+                               t.timestep_alpha if t.timesteps == "cosine" else 0.0),
+                           n_layers=len(T.cross_frame_layers(pipe.unet)) if pipe.unet is not None else 0)
+
+
+def flash_step(t, pipe, params, opt, d, autocast):
+    """One iteration of train.train()'s loop for either stage, through train.py's own unet_step / decoder_step
+    (host-side augmentation included). The generator is reseeded: every call runs the same t, augmentation and
+    aligned layers (torch.compile then traces one graph)."""
+    d.gen.manual_seed(d.seed)
+    if t.stage == "unet":
+        loss, _ = T.unet_step(t, pipe, d.clip, d.embed, d.gen, autocast, d.acp, d.t_weights, d.n_layers)
+    else:
+        loss, _ = T.decoder_step(t, pipe, d.clip, d.gen, autocast)
+    loss.backward()
+    if t.stage == "unet":
+        T.set_alignment(pipe.unet)
+    torch.nn.utils.clip_grad_norm_(params.values(), t.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def sample_pass(pipe, frames, height, width, guidance=7.5, steps=2):
+    """sample.animate()'s device work: the prompt and the first frame encoded, `steps` guided DDIM steps on the CFG
+    batch (every step holds the same memory), the reference's encoder features, the decode in chunks of 4."""
+    vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
+    vdt = next(vae.parameters()).dtype
+    img = torch.zeros(1, 3, height, width).to(dev, vdt)
+    ctx = encode_prompt(pipe, ["", PROMPT] if cfg else [PROMPT])
+    z0 = vae.encode(img).float()[:, :, None]
+    x = torch.zeros(1, vae.config.latent_channels, frames, height // 8, width // 8).to(dev)
+    x[:, :, :1] = z0
+    acp = alphas_cumprod().to(dev)
+    for t in ddim_timesteps(steps).tolist():
+        eps = pipe.unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
+        if cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        x[:, :, 1:] = ddim_step(x[:, :, 1:], eps[:, :, 1:], t, t - TRAIN_STEPS // steps, acp)
+    ref = vae.encoder_features(img) if vae.config.detail else None
+    video = vae.decode(x[0].transpose(0, 1).to(vdt), ref=ref, chunk=4).float()
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", train=None, vae_dtype="fp32",
+             guidance=7.5, detail=True, block=512):
+    """Peak GPU memory of one training step (kind "train"; `train` = train_args(), its stage and switches) or one
+    sample (kind "sample"), the models built on the meta device as train.py / sample.py hold them on the GPU.
+    Returns bytes at the peak by kind, the resident bytes before the step, the phase of the peak and the FLOPs."""
+    t = train or train_args("unet", frames, height, width)
+    frames, height, width = (t.frames, t.height, t.width) if kind == "train" else (frames, height, width)
+    check_size(height, width)
+    if frames < 2 or (kind == "train" and t.stage == "decoder" and not 1 <= t.decoder_frames <= frames):
+        raise ValueError(f"--frames {frames}: want at least 2 (and --decoder-frames between 1 and --frames)")
+    p, dt, dev, t0 = PRESETS[size], M.DTYPES[dtype], torch.device("meta"), time.time()
+    stage = t.stage if kind == "train" else "sample"
+    with torch.device("meta"):
+        unet = M.UNet(M.UNetConfig(**p["unet"])).to(dt) if stage != "decoder" else None
+        vae = VAE(VAEConfig(**p["vae"], detail=stage == "decoder" or (stage == "sample" and detail)))
+        hid, layers, heads = p["clip"]
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=hid, intermediate_size=4 * hid, num_hidden_layers=layers,
+                                          num_attention_heads=heads)) if stage == "sample" else None
+    vae.to(M.DTYPES[vae_dtype] if stage == "sample" else torch.float32)  # train.py: the VAE in fp32
+    pipe = Pipeline(unet, vae, te, Tokenizer(*byte_vocab()), dev, dt)
+    params, opt = train_setup(t, pipe) if kind == "train" else ({}, None)
+    if opt is not None:  # AdamW's state, as the first real step allocates it
+        for q in params.values():
+            q.grad = torch.zeros_like(q)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    models = [m for m in (unet, vae, te) if m is not None]
+    with LiveBytes(block) as track, MetaAutocast(dt):
+        trainable = {id(q) for q in params.values()}
+        for m in models:
+            for q in [*m.parameters(), *m.buffers()]:
+                track.add(q, "trainable (fp32)" if id(q) in trainable else "frozen weights")
+        for state in opt.state.values() if opt else ():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_meta:
+                    track.add(v, "AdamW state")
+        resident = dict(track.kinds)
+        for q in params.values():
+            q.register_post_accumulate_grad_hook(lambda q: track.label(q.grad, "gradients"))
+        for m, name in ((vae.encoder, "VAE encode"), (vae.decoder, "VAE decode"), (unet, "U-Net forward"),
+                        (te, "text encoder")):
+            if m is not None:
+                m.register_forward_pre_hook(lambda *_, name=name: setattr(track, "phase", name))
+        if kind == "train":  # after the forward that carries the graph: loss, backward (with recompute), clipping
+            (unet if stage == "unet" else vae.decoder).register_forward_hook(
+                lambda *_: setattr(track, "phase", "backward"))
+            opt.register_step_pre_hook(lambda *_: setattr(track, "phase", "AdamW step"))
+            data = train_data(t, pipe, torch.zeros(1, 77, p["unet"].get("cross_attention_dim", 768)))
+            flash_step(t, pipe, params, opt, data, torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32))
+        else:
+            sample_pass(pipe, frames, height, width, guidance)
+    what = (f"{'training step, ' + stage + ' stage' if kind == 'train' else 'sample'} ({size} size) | {frames} "
+            f"frames {height}x{width}")
+    if kind == "train" and stage == "unet":
+        what += (f", {2 if t.strong_aug else 1} clip(s), motion alignment {'on' if t.motion_align else 'off'}, "
+                 f"correspondence alignment {'on' if t.corr_align else 'off'}, gradient checkpointing "
+                 f"{'on' if t.gradient_checkpointing else 'off'}, frozen weights {dtype}, VAE fp32")
+    elif kind == "train":
+        what += f", {t.decoder_frames} frames decoded, VAE fp32 under {dtype} autocast"
+    else:
+        what += (f", CFG batch of {2 if guidance > 1 else 1}, U-Net {dtype}, VAE {vae_dtype}, detail decoder "
+                 f"{'on' if detail else 'off'}, text encoder fp32")
+    return dict(kind=kind, what=what, peak=track.peak, at_peak=track.at_peak, resident=resident,
+                phase=track.peak_phase, phases={k: v for k, v in track.phases.items() if k}, flops=track.flops,
+                trainable_params=sum(q.numel() for q in params.values()), seconds=time.time() - t0)
+
+
+def report(e, gpu_gib=(12, 16, 24, 48, 80)):
+    """The estimate as the lines the CLI prints."""
+    gib = lambda b: f"{b / 2**30:6.2f} GiB"
+    out = [f"memory estimate: {e['what']} | meta tensors, no weights allocated ({e['seconds']:.0f} s)"]
+    for kind, b in e["at_peak"].items():
+        extra = f"   {e['trainable_params'] / 1e6:.1f}M parameters" if kind.startswith("trainable") else ""
+        out.append(f"  {kind:24s} {gib(b)}{extra}")
+    out.append(f"  {'peak':24s} {gib(e['peak'])}   ({e['peak'] / 1e9:.1f} GB) during {e['phase']}")
+    out.append(f"  peak of each phase: {', '.join(f'{k} {v / 2**30:.2f}' for k, v in e['phases'].items())} GiB")
+    fits = [f"{g} GiB {'yes' if e['peak'] + 2**30 <= g * 2**30 else 'no'}" for g in gpu_gib]
+    out.append(f"  fits (1 GiB left for the CUDA context and fragmentation): {', '.join(fits)}")
+    if e["kind"] == "train":
+        out.append(f"  FLOPs per step {e['flops'] / 1e12:.1f} T (counted): >= {e['flops'] / 71e12:.1f} s on an "
+                   f"RTX 3090 (71 TFLOP/s dense bf16), {e['flops'] / 71e12 / 0.4:.1f} s at 40 % MFU")
+    out.append("  assumed: SDPA runs a fused kernel (flash / memory-efficient: O(L) memory, no L x L scores); CUDA "
+               "autocast's cast policy; not counted: the CUDA context, cuDNN / cuBLAS workspaces, allocator "
+               "fragmentation (torch.cuda.memory_reserved() above max_memory_allocated())")
+    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- weights, timing
@@ -196,18 +469,47 @@ def stats(ts, who="ours"):
     return {f"{who}_s": med, f"{who}_spread": (max(ts) - min(ts)) / 2 / med, f"{who}_times": ts}
 
 
-def compiled(unet, a):
+def compiled(module, a):
     if a.compile:  # forward only: the module and its attributes stay as they are
-        unet.forward = torch.compile(unet.forward)
-    return unet
+        module.forward = torch.compile(module.forward, backend=a.compile_backend)
+    return module
+
+
+def measured_peak(s, fn, *modules, opt=None):
+    """CUDA peak bytes of our own objects while fn runs: its growth over what was allocated before, plus what the
+    modules (and opt's state) hold, so that other models resident on the GPU do not count. None elsewhere."""
+    if s.dev.type != "cuda":
+        return None
+    gc.collect()
+    s.sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    s.sync()
+    held = [q for m in modules for q in [*m.parameters(), *m.buffers()]]
+    held += [v for st in (opt.state.values() if opt else ()) for v in st.values() if torch.is_tensor(v)]
+    own = {q.untyped_storage().data_ptr(): q.untyped_storage().nbytes() for q in held if q.is_cuda}
+    return torch.cuda.max_memory_allocated() - before + sum(-(-n // 512) * 512 for n in own.values())
+
+
+def compare(a, s, r, peak, kind, **kw):
+    """The row's measured peak beside bench.py --estimate's for the same settings (cached per settings)."""
+    key = (kind, json.dumps({k: vars(v) if isinstance(v, argparse.Namespace) else v for k, v in kw.items()}))
+    if key not in s.estimates:
+        s.estimates[key] = estimate(kind, size=a.size, dtype=a.dtype, **kw)
+    e = s.estimates[key]
+    r.update(peak_bytes=peak, est_peak_bytes=e["peak"], est_phase=e["phase"],
+             est_error=None if peak is None else e["peak"] / peak - 1)
+    return e
 
 
 # ----------------------------------------------------------------------------- the rows
 
 def bench_unet(a, s, rows):
     x, t, ctx = s.inputs
-    ours = [compiled(M.load_unet(s.folder, s.mm, cross_frame=cf).to(s.dev, s.dt).eval(), a) for cf in (0, 1)]
-    fns = {cf: (lambda u=u: u(x, t, ctx)) for cf, u in enumerate(ours)}
+    variants = (1,) if s.suffix else (0, 1)  # compiled: FLASH's cross-frame attention only
+    ours = {cf: compiled(M.load_unet(s.folder, s.mm, cross_frame=cf).to(s.dev, s.dt).eval(), a) for cf in variants}
+    fns = {cf: (lambda u=u: u(x, t, ctx)) for cf, u in ours.items()}
     if s.diffusers:
         from diffusers import UNetMotionModel
         ref = UNetMotionModel.from_unet2d(s.diffusers["unet"], s.diffusers["motion_adapter"]).to(s.dev, s.dt).eval()
@@ -223,7 +525,7 @@ def bench_unet(a, s, rows):
             want, got = ref(x, t, encoder_hidden_states=ctx_f).sample.float(), ours[0](x, t, ctx).float()
             for m in tm:
                 m.norm = m.norm.gn
-    for cf in (0, 1):
+    for cf in variants:
         r = dict(**stats(times[cf]), flops=unet_flops(s.cfg, s.latent, s.latent, s.frames, 2, cross_frame=cf)[0])
         if s.diffusers:
             r.update(**stats(times["diffusers"], "diffusers"))
@@ -233,7 +535,7 @@ def bench_unet(a, s, rows):
                 r.update(max_abs_diff=err, rel_diff=err / want.abs().max().item())
             else:
                 r["note"] = "FLASH attn1 (2x keys) vs diffusers' plain attn1"
-        rows[f"unet fwd, cross-frame {'on' if cf else 'off'}"] = r
+        rows[f"unet fwd, cross-frame {'on' if cf else 'off'}{s.suffix}"] = r
 
 
 def bench_sample(a, s, rows):
@@ -268,50 +570,68 @@ def bench_sample(a, s, rows):
         r.update(**stats(times[k], k), **{f"{k}_unet_s": sum(calls[k]) / a.sample_repeats, f"{k}_flops": fl[k]})
     if s.diffusers:
         r.update(ratio=r["ours_s"] / r["diffusers_s"], unet_ratio=r["ours_unet_s"] / r["diffusers_unet_s"])
-    rows[f"sample {a.steps} steps + decode"] = r
+    peak = measured_peak(s, lambda: run["ours"](a.steps), pipe.unet, pipe.vae, pipe.text_encoder)
+    compare(a, s, r, peak, "sample", frames=F, height=px, width=px, vae_dtype=a.dtype, detail=False)
+    rows[f"sample {a.steps} steps + decode{s.suffix}"] = r
 
 
 def bench_train(a, s, rows):
-    F, lat, dev = s.frames, s.latent, s.dev
-    unet, trainable = M.load_unet(s.folder, s.mm).requires_grad_(False), []
-    for name, q in unet.named_parameters():  # fp32 master weights train, the frozen ones sit in the autocast dtype
-        q.data = q.data.float() if is_trainable(name, "unet") else q.data.to(s.dt)
-        trainable += [q.requires_grad_(True)] if is_trainable(name, "unet") else []
-    unet.gradient_checkpointing = True
-    compiled(unet.to(dev), a).train()
-    opt = torch.optim.AdamW(trainable, lr=1e-5)
-    g = torch.Generator().manual_seed(1)
-    clips, noise = (torch.randn(n, 4, F, lat, lat, generator=g).to(dev) for n in (2, 1))
-    ctx, acp = torch.randn(1, 77, s.cfg.cross_attention_dim, generator=g).to(dev), alphas_cumprod().to(dev)
-    autocast = torch.autocast(dev.type, dtype=s.dt) if s.dt != torch.float32 else nullcontext()
-    half = set(range(0, len(cross_frame_layers(unet)), 2))  # correspondence alignment in half the attn1 layers
+    """train.py's unet-stage step (train.unet_step: host augmentation, VAE encode of both clips, U-Net with
+    checkpointing, alignment on / off), backward, clipping, AdamW; the model set up as train.main() does."""
+    px = 8 * s.latent
+    t = train_args("unet", s.frames, px, px)
+    pipe = load_pipeline(s.folder, s.mm, device=s.dev, dtype=s.dt, verbose=False)  # the VAE in fp32, as train.py
+    embed = encode_prompt(pipe, [PROMPT]).cpu()
+    pipe.text_encoder.to("cpu")
+    params, opt = train_setup(t, pipe)
+    compiled(pipe.unet, a)
+    d = train_data(t, pipe, embed)
+    autocast = torch.autocast(s.dev.type, dtype=s.dt, enabled=s.dt != torch.float32)
 
-    def step(tau, corr):  # [original; augmented] clip, one t, as train.py
-        unet_loss(unet, clips, 500, noise, ctx, acp, autocast, tau, corr).sum().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        set_alignment(unet)
+    def step(align):
+        t.motion_align = t.corr_align = align
+        flash_step(t, pipe, params, opt, d, autocast)
 
-    fns = {"on": lambda: step(90.0, half), "off": lambda: step(None, ())}
+    variants = ("on",) if s.suffix else ("on", "off")
+    fns = {k: (lambda k=k: step(k == "on")) for k in variants}
+    fns["augment"] = lambda: strong_augment(d.clip, d.gen)  # the host's share of every step
     times = timeit(s, fns, a.train_repeats, max(a.warmup, 1))  # the first step allocates AdamW's state
-    flops = train_flops(*unet_flops(s.cfg, lat, lat, F, 2, cross_frame=True))
-    for k, fn in fns.items():
-        peak = None
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            peak = torch.cuda.max_memory_allocated()
-        rows[f"train step, align {k}"] = dict(**stats(times[k]), peak_bytes=peak, flops=flops,
-                                              trainable_params=sum(q.numel() for q in trainable))
+    for k in variants:
+        r = dict(**stats(times[k]), host_s=statistics.median(times["augment"]), trainable_params=sum(
+            q.numel() for q in params.values()))
+        r["peak_bytes"] = measured_peak(s, fns[k], pipe.unet, pipe.vae, opt=opt)
+        if k == "on":  # the FLASH step's estimate; alignment adds no matmul FLOPs, so "off" takes its count
+            t.motion_align = t.corr_align = True
+            flops = compare(a, s, r, r["peak_bytes"], "train", train=t)["flops"]
+        rows[f"train step, align {k}{s.suffix}"] = dict(r, flops=flops)
+
+
+def bench_decoder(a, s, rows):
+    """train.py's decoder-stage step (train.decoder_step: host distortion, encode, detail-decoder forward under
+    autocast, MSE), backward, clipping, AdamW; the VAE with fresh detail branches alone on the device, fp32."""
+    px = 8 * s.latent
+    t = train_args("decoder", s.frames, px, px, ["--decoder-frames", str(min(4, s.frames))])
+    pipe = Pipeline(None, load_vae(s.folder, detail=True).to(s.dev), None, None, s.dev, s.dt)
+    params, opt = train_setup(t, pipe)
+    compiled(pipe.vae.decoder, a)
+    d = train_data(t, pipe, None)
+    autocast = torch.autocast(s.dev.type, dtype=s.dt, enabled=s.dt != torch.float32)
+    fns = {"step": lambda: flash_step(t, pipe, params, opt, d, autocast),
+           "distort": lambda: decoder_distort(d.clip, d.gen)}
+    times = timeit(s, fns, a.train_repeats, max(a.warmup, 1))
+    r = dict(**stats(times["step"]), host_s=statistics.median(times["distort"]),
+             trainable_params=sum(q.numel() for q in params.values()))
+    peak = measured_peak(s, fns["step"], pipe.vae, opt=opt)
+    r["flops"] = compare(a, s, r, peak, "train", train=t)["flops"]
+    rows[f"decoder-stage step{s.suffix}"] = r
 
 
 def bench(a, folder):
-    dev, p = torch.device(a.device), PRESETS[a.size]
-    s = SimpleNamespace(dev=dev, dt={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype],
-                        sync=torch.cuda.synchronize if dev.type == "cuda" else (lambda: None),
-                        clock=time.process_time if a.clock == "cpu" else time.perf_counter,
+    dev, p, t0 = torch.device(a.device), PRESETS[a.size], time.time()
+    s = SimpleNamespace(dev=dev, dt=M.DTYPES[a.dtype], sync=torch.cuda.synchronize if dev.type == "cuda" else (
+        lambda: None), clock=time.process_time if a.clock == "cpu" else time.perf_counter,
                         cfg=M.UNetConfig(**p["unet"]), frames=a.frames or p["frames"], latent=p["latent"],
-                        folder=folder)
+                        folder=folder, estimates={}, suffix="")
     s.mm, s.diffusers = write_weights(s.folder, p)
     print(f"weights {s.folder} ({'diffusers-built' if s.diffusers else 'diffusers absent: ours only'}) | preset "
           f"{a.size}: U-Net {json.dumps(p['unet'])} VAE {json.dumps(p['vae'])} CLIP {p['clip']} | {s.frames} frames "
@@ -321,27 +641,44 @@ def bench(a, folder):
     x = torch.randn(2, 4, s.frames, s.latent, s.latent, generator=g).to(dev, s.dt)  # a CFG batch: 2 videos
     s.inputs = (x, torch.tensor([500, 500], device=dev),
                 torch.randn(2, 77, s.cfg.cross_attention_dim, generator=g).to(dev, s.dt))
-    rows = {}
-    for name, fn in (("unet", bench_unet), ("sample", bench_sample), ("train", bench_train)):
-        if name in a.rows:
-            t0 = time.time()
-            fn(a, s, rows)
-            print(f"{name} rows: {time.time() - t0:.0f}s", flush=True)
-        if name == "sample":
-            s.diffusers = None  # nothing of diffusers stays resident during the training step
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"rows": rows}
+    rows, groups = {}, {"unet": bench_unet, "sample": bench_sample, "train": bench_train, "decoder": bench_decoder}
+    for s.suffix, names in [("", a.rows)] + ([(", compiled", a.compile_rows)] if a.all else []):
+        a.compile = a.compile or bool(s.suffix)
+        for name in [n for n in names if n in groups]:  # in the order asked for
+            if s.suffix and time.time() - t0 > a.time_budget:
+                rows[f"{name}{s.suffix}"] = dict(skipped=f"--time-budget {a.time_budget:g} s spent")
+                continue
+            t1 = time.time()
+            try:
+                groups[name](a, s, rows)
+            except Exception as e:  # one failed row (a compile, an out-of-memory) leaves the others their time
+                if not a.all:
+                    raise
+                rows[f"{name}{s.suffix}"] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                print(f"error in {name}{s.suffix} rows: {rows[f'{name}{s.suffix}']['error']}", file=sys.stderr)
+            print(f"{name}{s.suffix} rows: {time.time() - t1:.0f}s", flush=True)
+            if name == "sample":
+                s.diffusers = None  # nothing of diffusers stays resident during the training steps
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows, "seconds": time.time() - t0}
 
 
 def table(res, peak):
     si = lambda v: f"{v / 1e12:.3g} T" if v >= 1e12 else f"{v / 1e9:.3g} G"
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
     fmt = lambda r, who: f"{r[who + '_s']:.3f}s ±{100 * r[who + '_spread']:.0f}%" if who + "_s" in r else "-"
-    out = [f"{'row':27s} {'ours':>14s} {'diffusers':>14s} {'ratio':>5s}  notes"]
+    out = [f"{'row':34s} {'ours':>14s} {'diffusers':>14s} {'ratio':>5s}  notes"]
     for name, r in res["rows"].items():
-        notes = [f"{si(r['flops'])}FLOP, {si(r['flops'] / r['ours_s'])}FLOP/s"
-                 + (f", MFU {100 * r['flops'] / r['ours_s'] / 1e12 / peak:.1f}%" if peak else "")]
+        if "ours_s" not in r:
+            out.append(f"{name:34s} {'-':>14s} {'-':>14s} {'-':>5s}  {r.get('skipped') or r.get('error')}")
+            continue
+        device_s = r["ours_s"] - r.get("host_s", 0)  # MFU over the device's share of the step
+        notes = [f"{si(r['flops'])}FLOP, {si(r['flops'] / device_s)}FLOP/s"
+                 + (f", MFU {100 * r['flops'] / device_s / 1e12 / peak:.1f}%" if peak else "")]
+        if "host_s" in r:
+            notes.append(f"host-side augmentation {r['host_s']:.3f}s of it")
         if "max_abs_diff" in r:
             notes.append(f"maxdiff {r['max_abs_diff']:.1e} (rel {r['rel_diff']:.1e})")
         if "ours_unet_s" in r:
@@ -349,22 +686,57 @@ def table(res, peak):
                 f" / {100 * r['diffusers_unet_s'] / r['diffusers_s']:.0f}%, U-Net-time ratio {r['unet_ratio']:.2f}"
                 if "unet_ratio" in r else ""))
         notes += [r["note"]] if "note" in r else []
-        if "peak_bytes" in r:
-            notes.append(f"peak {r['peak_bytes'] / 2**30:.1f} GiB" if r["peak_bytes"] else "peak n/a on CPU")
+        if r.get("peak_bytes") and "est_peak_bytes" not in r:
+            notes.append(f"peak {gib(r['peak_bytes'])}")
+        if "est_peak_bytes" in r:
+            notes.append(f"peak {gib(r['peak_bytes'])}, estimate {gib(r['est_peak_bytes'])} "
+                         f"({100 * r['est_error']:+.1f}%)" if r["peak_bytes"] else
+                         f"estimated peak {gib(r['est_peak_bytes'])} (measured: CUDA only)")
         ratio = f"{r['ratio']:5.2f}" if "ratio" in r else "    -"
-        out.append(f"{name:27s} {fmt(r, 'ours'):>14s} {fmt(r, 'diffusers'):>14s} {ratio}  {' | '.join(notes)}")
+        out.append(f"{name:34s} {fmt(r, 'ours'):>14s} {fmt(r, 'diffusers'):>14s} {ratio}  {' | '.join(notes)}")
     return "\n".join(out)
+
+
+def estimate_main(a, rest):
+    """python bench.py --estimate train|sample [flags]: the report, and its numbers as JSON with --json."""
+    if a.estimate == "train":  # train.py's own flags; the size and dtype flags are shared with bench.py's
+        t = train_args(None, a.frames or 16, a.height, a.width, rest)
+        t.dtype = a.dtype or "bf16"
+        if a.no_align:
+            t.motion_align = t.corr_align = False
+        e = estimate("train", size=a.size or "full", dtype=t.dtype, train=t)
+    else:
+        if rest:
+            raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+        e = estimate("sample", size=a.size or "full", frames=a.frames or 16, height=a.height, width=a.width,
+                     dtype=a.dtype or "bf16", vae_dtype=a.vae_dtype, guidance=a.guidance, detail=not a.no_detail)
+    print(report(e))
+    if a.json:
+        Path(a.json).write_text(json.dumps(e, indent=2))
+    return e
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--estimate", choices=["train", "sample"], help="predict the peak GPU memory (no GPU needed); "
+                    "train takes train.py's flags as well")
+    ap.add_argument("--height", type=int, default=512, help="--estimate: image height")
+    ap.add_argument("--width", type=int, default=512, help="--estimate: image width")
+    ap.add_argument("--no-align", action="store_true", help="--estimate train: motion and correspondence alignment off")
+    ap.add_argument("--vae-dtype", choices=["fp32", "bf16"], default="fp32", help="--estimate sample: the VAE's dtype")
+    ap.add_argument("--guidance", type=float, default=7.5, help="--estimate sample: <= 1 means no CFG batch")
+    ap.add_argument("--no-detail", action="store_true", help="--estimate sample: the plain SD decoder")
+    ap.add_argument("--all", action="store_true", help="every row, then again under torch.compile (the GPU run); "
+                    "writes bench_all.json unless --json says otherwise")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="both implementations (default: CUDA bf16)")
-    ap.add_argument("--size", choices=list(PRESETS), help="default: full on CUDA, cpu on CPU")
+    ap.add_argument("--size", choices=list(PRESETS), help="default: full on CUDA and for --estimate, cpu on CPU")
     ap.add_argument("--tiny", action="store_true", help="= --size tiny --steps 2 (smoke test)")
     ap.add_argument("--frames", type=int, help="override the preset's frame count")
     ap.add_argument("--steps", type=int, default=25, help="sampling steps")
-    ap.add_argument("--rows", default="unet,sample,train", help="a subset of unet,sample,train")
+    ap.add_argument("--rows", default="unet,sample,train,decoder", help="a subset of unet,sample,train,decoder")
+    ap.add_argument("--compile-rows", default="train,sample,decoder,unet", help="--all: the rows run compiled, "
+                                                                                 "in this order")
     ap.add_argument("--repeats", type=int, default=10, help="timed U-Net forwards per implementation (median)")
     ap.add_argument("--sample-repeats", type=int, help="timed samples per pipeline (default CUDA 3, CPU 1)")
     ap.add_argument("--train-repeats", type=int, help="timed training steps per variant (default CUDA 5, CPU 3)")
@@ -372,15 +744,24 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (0 = torch's default)")
     ap.add_argument("--clock", choices=["wall", "cpu"], help="cpu = this process's CPU time: robust to other "
                                                              "processes on a shared machine (default on CPU, 1 thread)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our U-Net's forward")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our U-Net's (and VAE decoder's) forward")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: tracing only)")
+    ap.add_argument("--time-budget", type=float, default=330, help="--all: compiled rows start only before this "
+                                                                   "many seconds have passed")
     ap.add_argument("--sdpa", choices=["default", "flash", "efficient", "cudnn", "math"], default="default",
                     help="one SDPA backend for both implementations")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: from the GPU's name)")
     ap.add_argument("--json", help="write every number, raw times included, to this file")
-    a = ap.parse_args(argv)
+    a, rest = ap.parse_known_args(argv)
+    if a.estimate:
+        return estimate_main(a, rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     gpu = a.device.startswith("cuda")
     a.size, a.steps = ("tiny", 2) if a.tiny else (a.size or ("full" if gpu else "cpu"), a.steps)
-    a.dtype, a.rows = a.dtype or ("bf16" if gpu else "fp32"), a.rows.split(",")
+    a.dtype, a.rows, a.compile_rows = a.dtype or ("bf16" if gpu else "fp32"), a.rows.split(","), \
+        a.compile_rows.split(",")
+    a.json = a.json or ("bench_all.json" if a.all else None)
     a.warmup = (3 if gpu else 1) if a.warmup is None else a.warmup
     a.sample_repeats, a.train_repeats = a.sample_repeats or (3 if gpu else 1), a.train_repeats or (5 if gpu else 3)
     if not gpu and a.threads:
@@ -395,12 +776,16 @@ def main(argv=None):
                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}.get(a.sdpa)
     with sdpa_kernel(backend) if backend else nullcontext(), tempfile.TemporaryDirectory(prefix="flash_bench_") as tmp:
         res = dict(**bench(a, Path(tmp)), args=vars(a), device=name, torch=torch.__version__)
-    print(f"\n{name} | {a.dtype} | {a.clock} clock | median of repeats ± half their range\n"
-          + table(res, a.peak_tflops))
+    print(f"\n{name} | torch {torch.__version__} | {a.dtype} | {a.clock} clock | median of repeats ± half their "
+          f"range | {res['seconds']:.0f} s\n" + table(res, a.peak_tflops))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, default=str))
     return res
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad sizes, impossible settings: one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)

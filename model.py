@@ -43,7 +43,12 @@ def attention(q, k, v, causal=False, chunk=0):
     over q, k, v (..., L, hs) through PyTorch's SDPA, which picks the flash / memory-efficient kernels on a GPU.
     chunk > 0 (not with causal): the queries in slices of `chunk` rows, one SDPA call each, so at most chunk x L_k
     scores per head exist at once whichever kernel SDPA picks (its math fallback materialises them, the fused
-    kernels never do); the result is the same up to float rounding."""
+    kernels never do); the result is the same up to float rounding.
+    Meta tensors (bench.py --estimate) have no kernel choice and SDPA would take its math path with L x L scores:
+    they run the memory-efficient kernel's op instead, whose meta version allocates what the GPU's does (O(L))."""
+    if q.is_meta:  # the one estimate hook
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, torch.is_grad_enabled(),
+                                                                      is_causal=causal)[0]
     if causal or chunk <= 0 or q.shape[-2] <= chunk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=-2)], dim=-2)

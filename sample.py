@@ -401,7 +401,8 @@ def main(argv=None):
     try:
         run(args)
     except torch.cuda.OutOfMemoryError:
-        msg = "CUDA out of memory: try fewer --frames, a smaller --height/--width, or --dtype fp16"
+        msg = ("CUDA out of memory: try fewer --frames, a smaller --height/--width, or --vae-dtype bf16 (check first: "
+               "python bench.py --estimate sample ...)")
     except (OSError, ValueError) as e:  # missing/unreadable files, bad sizes, mismatched weights: one line
         msg = " ".join(str(e).split())
     else:

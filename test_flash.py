@@ -2205,17 +2205,24 @@ class TestBench:
         assert fc.get_total_flops() == B.decoder_flops(vcfg, 6, 5, 3)
 
     def test_bench_tiny_smoke(self, tmp_path, capsys, one_thread):
+        """The GPU script (--all) end to end at tiny size: every eager row, one compiled row (dynamo tracing only on
+        CPU), each measured row's estimate beside it."""
         pytest.importorskip("diffusers")
         out = tmp_path / "b.json"
-        res = B.main(["--device", "cpu", "--tiny", "--repeats", "1", "--train-repeats", "1", "--warmup", "0",
-                      "--json", str(out)])
+        res = B.main(["--device", "cpu", "--tiny", "--all", "--compile-rows", "decoder", "--compile-backend", "eager",
+                      "--repeats", "1", "--train-repeats", "1", "--warmup", "0", "--json", str(out)])
         text = capsys.readouterr().out
         for row in ("unet fwd, cross-frame off", "unet fwd, cross-frame on", "sample 2 steps + decode",
-                    "train step, align on", "train step, align off"):
+                    "train step, align on", "train step, align off", "decoder-stage step", "decoder-stage step, compiled"):
             assert row in text and row in res["rows"]
         r = res["rows"]["unet fwd, cross-frame off"]
         assert r["rel_diff"] <= 1e-4, r  # ours == diffusers' UNetMotionModel (per-frame motion GroupNorm) on the same files
         assert all(v["ours_s"] > 0 and v["flops"] > 0 for v in res["rows"].values())
+        for row in ("sample 2 steps + decode", "train step, align on", "decoder-stage step"):
+            r = res["rows"][row]  # no CUDA: no measured peak, the estimate still computed
+            assert r["peak_bytes"] is None and r["est_peak_bytes"] > 0 and r["est_error"] is None
+        train, plain = res["rows"]["train step, align on"], res["rows"]["train step, align off"]
+        assert train["trainable_params"] == plain["trainable_params"] > 0 and 0 < train["host_s"] < train["ours_s"]
         assert json.loads(out.read_text())["rows"].keys() == res["rows"].keys()
 
     def test_bench_without_diffusers(self, monkeypatch, capsys, one_thread):
@@ -2224,6 +2231,70 @@ class TestBench:
         r = res["rows"]["unet fwd, cross-frame off"]
         assert "diffusers_s" not in r and "ratio" not in r and r["ours_s"] > 0
         assert "diffusers absent" in capsys.readouterr().out
+
+    def test_estimate_attention_by_hand(self):
+        """LiveBytes on one attention module (meta tensors, trainable fp32 weights), against a hand count: the fused
+        kernel keeps q, k, v (the projections), its output and a float32 logsumexp per query and head (plus an 8-byte
+        RNG seed and offset), never the N h L x L scores. Under the CUDA autocast stand-in, each projection keeps
+        its bf16 copy of x (for its weight grad), the trainable weights are cast once and cached until autocast
+        exits; afterwards only to_out's copy stays (its input needs a grad, the others' does not)."""
+        N, L, C, h = 3, 256, 64, 4
+        with torch.device("meta"):
+            attn, x = M.Attention(C, h), torch.empty(N, L, C)
+        act = "activations, workspace"
+        with B.LiveBytes(block=1) as track:
+            for q in [x, *attn.parameters()]:
+                track.add(q, "given")
+            y = attn(x)
+            assert track.kinds[act] == 5 * N * L * C * 4 + N * h * L * 4 + 16
+            assert track.kinds[act] < N * h * L * L * 4  # the math path's scores alone would exceed it
+            assert track.flops == 4 * 2 * N * L * C * C + 2 * 2 * N * h * L * L * (C // h)
+        with B.LiveBytes(block=1) as track, B.MetaAutocast(torch.bfloat16):
+            for q in [x, *attn.parameters()]:
+                track.add(q, "given")
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = attn(x)
+                assert track.kinds[act] == 8 * N * L * C * 2 + 4 * C * C * 2 + C * 2 + N * h * L * 4 + 16
+            assert y.dtype == torch.bfloat16 and track.kinds[act] == 8 * N * L * C * 2 + C * C * 2 + N * h * L * 4 + 16
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # CUDA's fp32 list: norms come out in float32
+                x16 = torch.empty(2, 8, 4, 4, device="meta", dtype=torch.bfloat16)
+                assert nn.functional.group_norm(x16, 2).dtype == torch.float32
+
+    def test_estimate_full_size_weights_and_optimizer_bytes(self):
+        """Full-size training step (2 frames of 64x64 px, so the AdamW step is the peak) and sample: the kinds at the
+        peak against exact parameter counts. U-Net 859,520,964 + v2 motion modules 453,209,280; the trainable set
+        (motion modules + attn1.to_k/to_v) 477,990,080 in fp32 with its grads, AdamW's two moments, and the one
+        full-size temporary of the foreach AdamW (sqrt of the second moment); VAE 83,653,863 and text encoder
+        123,060,480 in fp32; the motion modules' positional encodings, 21 modules x 2 attentions x 32 x C."""
+        unet, mm, trainable, vae, clip = 859_520_964, 453_209_280, 477_990_080, 83_653_863, 123_060_480
+        channels = 2 * (320 + 640 + 1280 + 1280) + 1280 + 3 * (1280 + 1280 + 640 + 320)
+        pe = 2 * 32 * channels * 2  # bf16, as the U-Net
+        e = B.estimate("train", train=B.train_args("unet", 2, 64, 64), block=1)
+        got = e["at_peak"]
+        assert e["phase"] == "AdamW step" and e["trainable_params"] == trainable
+        assert got["frozen weights"] == 2 * (unet + mm - trainable) + pe + 4 * vae
+        assert got["trainable (fp32)"] == got["gradients"] == 4 * trainable
+        assert got["AdamW state"] == 2 * 4 * trainable
+        assert 4 * trainable <= got["activations, workspace"] < 4 * trainable * 1.01
+        e = B.estimate("sample", frames=2, height=64, width=64, detail=False, block=1)
+        assert e["at_peak"]["frozen weights"] == 2 * (unet + mm) + pe + 4 * (vae + clip)
+
+    def test_estimate_cli(self, tmp_path, capsys):
+        """train.py's flags pass through; each switch moves the peak the way it must; bad settings are one line."""
+        tiny = ["--estimate", "train", "--size", "tiny", "--frames", "4", "--height", "64", "--width", "64"]
+        base = B.main(tiny)
+        text = capsys.readouterr().out
+        assert "peak" in text and "fits" in text and "assumed: SDPA runs a fused kernel" in text
+        assert B.main(tiny + ["--no-gradient-checkpointing"])["peak"] > base["peak"]
+        assert B.main(tiny + ["--no-strong-aug"])["peak"] < base["peak"]  # one clip, half the activations
+        dec = B.main(tiny + ["--stage", "decoder", "--decoder-frames", "2", "--json", str(tmp_path / "e.json")])
+        assert "decoder stage" in dec["what"] and json.loads((tmp_path / "e.json").read_text())["peak"] == dec["peak"]
+        sample = ["--estimate", "sample", "--size", "tiny", "--frames", "4", "--height", "64", "--width", "64"]
+        e = B.main(sample)
+        assert "CFG batch of 2" in e["what"] and e["phase"] in ("U-Net forward", "VAE decode") and e["flops"] > 0
+        r = subprocess.run([sys.executable, str(HERE / "bench.py"), *sample[:-2], "--width", "60"], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error: --width 60") and r.stderr.count("\n") == 1
 
 
 if __name__ == "__main__":
