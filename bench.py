@@ -227,15 +227,19 @@ def train_setup(t, pipe):
     opt = torch.optim.AdamW(params.values(), lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     if t.stage == "unet":
         pipe.unet.gradient_checkpointing = t.gradient_checkpointing
+    else:
+        pipe.vae.decoder.gradient_checkpointing = t.gradient_checkpointing
     model.train()
     return params, opt
 
 
 def train_data(t, pipe, embed, seed=0):
-    """What train.train() hands its step: a host clip in [-1, 1] (F, 3, H, W), the caption's embedding, a CPU
-    generator, the noise schedule, the timestep weights, the count of cross-frame layers."""
+    """What train.train() hands its step: a clip in [-1, 1] (F, 3, H, W) on the device, the caption's embedding (also standing
+    in for the empty prompt's: same shape, same cost), a CPU generator, the noise schedule, the timestep weights, the
+    count of cross-frame layers."""
     g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(clip=torch.rand(t.frames, 3, t.height, t.width, generator=g) * 2 - 1, embed=embed, gen=g,
+    clip = (torch.rand(t.frames, 3, t.height, t.width, generator=g) * 2 - 1).to(pipe.device)  # as train.py moves it
+    return SimpleNamespace(clip=clip, embed=embed, gen=g,
                            seed=seed, acp=alphas_cumprod().to(pipe.device), t_weights=T.timestep_weights(
                                t.timestep_alpha if t.timesteps == "cosine" else 0.0),
                            n_layers=len(T.cross_frame_layers(pipe.unet)) if pipe.unet is not None else 0)
@@ -243,11 +247,11 @@ def train_data(t, pipe, embed, seed=0):
 
 def flash_step(t, pipe, params, opt, d, autocast):
     """One iteration of train.train()'s loop for either stage, through train.py's own unet_step / decoder_step
-    (host-side augmentation included). The generator is reseeded: every call runs the same t, augmentation and
+    (augmentation included, on the device as train.py runs it). The generator is reseeded: every call runs the same t, augmentation and
     aligned layers (torch.compile then traces one graph)."""
     d.gen.manual_seed(d.seed)
     if t.stage == "unet":
-        loss, _ = T.unet_step(t, pipe, d.clip, d.embed, d.gen, autocast, d.acp, d.t_weights, d.n_layers)
+        loss, _ = T.unet_step(t, pipe, d.clip, d.embed, d.embed, d.gen, autocast, d.acp, d.t_weights, d.n_layers)
     else:
         loss, _ = T.decoder_step(t, pipe, d.clip, d.gen, autocast)
     loss.backward()
@@ -295,7 +299,11 @@ def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", 
     stage = t.stage if kind == "train" else "sample"
     with torch.device("meta"):
         unet = M.UNet(M.UNetConfig(**p["unet"])).to(dt) if stage != "decoder" else None
-        vae = VAE(VAEConfig(**p["vae"], detail=stage == "decoder" or (stage == "sample" and detail)))
+        # the decoder a GPU run trains: train.py's --detail-branches, --detail-full-res auto = on under CUDA
+        branches = tuple(t.detail_branches.split(",")) if stage == "decoder" else ("warp", "patch")
+        full_res = t.detail_full_res != "off" if stage == "decoder" else True
+        vae = VAE(VAEConfig(**p["vae"], detail=stage == "decoder" or (stage == "sample" and detail),
+                            detail_branches=branches, detail_full_res=full_res))
         hid, layers, heads = p["clip"]
         te = CLIPTextModel(CLIPTextConfig(hidden_size=hid, intermediate_size=4 * hid, num_hidden_layers=layers,
                                           num_attention_heads=heads)) if stage == "sample" else None
@@ -339,10 +347,12 @@ def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", 
                  f"correspondence alignment {'on' if t.corr_align else 'off'}, gradient checkpointing "
                  f"{'on' if t.gradient_checkpointing else 'off'}, frozen weights {dtype}, VAE fp32")
     elif kind == "train":
-        what += f", {t.decoder_frames} frames decoded, VAE fp32 under {dtype} autocast"
+        what += (f", {t.decoder_frames} frames decoded, branches {'+'.join(branches)}"
+                 f"{' (patch attention at full resolution too)' * full_res}, gradient checkpointing "
+                 f"{'on' if t.gradient_checkpointing else 'off'}, VAE fp32 under {dtype} autocast")
     else:
         what += (f", CFG batch of {2 if guidance > 1 else 1}, U-Net {dtype}, VAE {vae_dtype}, detail decoder "
-                 f"{'on' if detail else 'off'}, text encoder fp32")
+                 f"{'on (full-resolution patch attention, as a GPU-trained one)' if detail else 'off'}, text encoder fp32")
     return dict(kind=kind, what=what, peak=track.peak, at_peak=track.at_peak, resident=resident,
                 phase=track.peak_phase, phases={k: v for k, v in track.phases.items() if k}, flops=track.flops,
                 trainable_params=sum(q.numel() for q in params.values()), seconds=time.time() - t0)
@@ -576,7 +586,7 @@ def bench_sample(a, s, rows):
 
 
 def bench_train(a, s, rows):
-    """train.py's unet-stage step (train.unet_step: host augmentation, VAE encode of both clips, U-Net with
+    """train.py's unet-stage step (train.unet_step: strong augmentation, VAE encode of both clips, U-Net with
     checkpointing, alignment on / off), backward, clipping, AdamW; the model set up as train.main() does."""
     px = 8 * s.latent
     t = train_args("unet", s.frames, px, px)
@@ -594,10 +604,10 @@ def bench_train(a, s, rows):
 
     variants = ("on",) if s.suffix else ("on", "off")
     fns = {k: (lambda k=k: step(k == "on")) for k in variants}
-    fns["augment"] = lambda: strong_augment(d.clip, d.gen)  # the host's share of every step
+    fns["augment"] = lambda: strong_augment(d.clip, d.gen)  # the augmentation's share of every step
     times = timeit(s, fns, a.train_repeats, max(a.warmup, 1))  # the first step allocates AdamW's state
     for k in variants:
-        r = dict(**stats(times[k]), host_s=statistics.median(times["augment"]), trainable_params=sum(
+        r = dict(**stats(times[k]), aug_s=statistics.median(times["augment"]), trainable_params=sum(
             q.numel() for q in params.values()))
         r["peak_bytes"] = measured_peak(s, fns[k], pipe.unet, pipe.vae, opt=opt)
         if k == "on":  # the FLASH step's estimate; alignment adds no matmul FLOPs, so "off" takes its count
@@ -607,7 +617,7 @@ def bench_train(a, s, rows):
 
 
 def bench_decoder(a, s, rows):
-    """train.py's decoder-stage step (train.decoder_step: host distortion, encode, detail-decoder forward under
+    """train.py's decoder-stage step (train.decoder_step: distortion, encode, detail-decoder forward under
     autocast, MSE), backward, clipping, AdamW; the VAE with fresh detail branches alone on the device, fp32."""
     px = 8 * s.latent
     t = train_args("decoder", s.frames, px, px, ["--decoder-frames", str(min(4, s.frames))])
@@ -617,9 +627,9 @@ def bench_decoder(a, s, rows):
     d = train_data(t, pipe, None)
     autocast = torch.autocast(s.dev.type, dtype=s.dt, enabled=s.dt != torch.float32)
     fns = {"step": lambda: flash_step(t, pipe, params, opt, d, autocast),
-           "distort": lambda: decoder_distort(d.clip, d.gen)}
+           "distort": lambda: decoder_distort(d.clip[:t.decoder_frames], d.gen)}  # the frames decoder_step distorts
     times = timeit(s, fns, a.train_repeats, max(a.warmup, 1))
-    r = dict(**stats(times["step"]), host_s=statistics.median(times["distort"]),
+    r = dict(**stats(times["step"]), aug_s=statistics.median(times["distort"]),
              trainable_params=sum(q.numel() for q in params.values()))
     peak = measured_peak(s, fns["step"], pipe.vae, opt=opt)
     r["flops"] = compare(a, s, r, peak, "train", train=t)["flops"]
@@ -674,11 +684,11 @@ def table(res, peak):
         if "ours_s" not in r:
             out.append(f"{name:34s} {'-':>14s} {'-':>14s} {'-':>5s}  {r.get('skipped') or r.get('error')}")
             continue
-        device_s = r["ours_s"] - r.get("host_s", 0)  # MFU over the device's share of the step
+        device_s = r["ours_s"] - r.get("aug_s", 0)  # MFU over the model's share of the step
         notes = [f"{si(r['flops'])}FLOP, {si(r['flops'] / device_s)}FLOP/s"
                  + (f", MFU {100 * r['flops'] / device_s / 1e12 / peak:.1f}%" if peak else "")]
-        if "host_s" in r:
-            notes.append(f"host-side augmentation {r['host_s']:.3f}s of it")
+        if "aug_s" in r:
+            notes.append(f"augmentation {r['aug_s']:.3f}s of it")
         if "max_abs_diff" in r:
             notes.append(f"maxdiff {r['max_abs_diff']:.1e} (rel {r['rel_diff']:.1e})")
         if "ours_unet_s" in r:

@@ -72,7 +72,10 @@ def read_video(path, short_side=None):
                 for f in ImageSequence.Iterator(im):
                     frames.append(resize(np.asarray(f.convert("RGB"))))
                     ms.append(f.info.get("duration") or 0)
-            fps = 1000.0 / np.mean(ms) if np.mean(ms) > 0 else DEFAULT_FPS
+                tag = re.fullmatch(rb"fps (\d+(?:\.\d+)?)", im.info.get("comment", b""))  # write_video's GIFs
+            fps = float(tag[1]) if tag else 1000.0 / np.mean(ms) if np.mean(ms) > 0 else DEFAULT_FPS
+            if tag:  # Pillow merges identical consecutive frames into one longer one: repeat them back
+                frames = [f for f, d in zip(frames, ms) for _ in range(max(1, round(d * fps / 1000)))]
         else:
             fps = float(iio.immeta(path, plugin="FFMPEG").get("fps") or DEFAULT_FPS)
             frames = [resize(f) for f in iio.imiter(path, plugin="FFMPEG")]  # always rgb24 uint8
@@ -94,8 +97,8 @@ def write_video(frames, path, fps=8.0):
         tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
         if ext == ".gif":  # delays in whole 1/100 s: round the running time so the mean delay is 1000/fps ms
             ends = [round((i + 1) * 100 / fps) for i in range(len(frames))]
-            imgs = [Image.fromarray(f) for f in frames]  # (Pillow merges identical consecutive frames, adding delays)
-            imgs[0].save(tmp, save_all=True, append_images=imgs[1:], loop=0,
+            imgs = [Image.fromarray(f) for f in frames]  # identical neighbours get merged: the fps comment undoes it
+            imgs[0].save(tmp, save_all=True, append_images=imgs[1:], loop=0, comment=f"fps {fps:g}",
                          duration=[10 * (b - a) for a, b in zip([0] + ends, ends)])
         else:  # yuv420p needs even sizes: pad odd ones by an edge pixel; macro_block_size=1 stops a resize to 16
             frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
@@ -267,7 +270,7 @@ def color_jitter(x, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0, order
     for i in order: x = ops[int(i)](x)
     return x
 
-def elastic_field(N, H, W, alpha, generator, sigma=5.0):
+def elastic_field(N, H, W, alpha, generator, sigma=5.0, device="cpu"):
     """-> (N,2,H,W) displacements (dx, dy) in pixels, one field per image, as torchvision's
     ElasticTransform(alpha, sigma).get_params draws them: per image, uniform noise in [-1,1] for dx then dy, each
     blurred by a Gaussian of sigma (kernel int(8 sigma + 1), made odd; capped to fit images under 4 sigma, where
@@ -278,14 +281,14 @@ def elastic_field(N, H, W, alpha, generator, sigma=5.0):
     k = int(8 * sigma + 1)
     k = min(k + (k % 2 == 0), 2 * min(H, W) - 1)  # odd; reflect padding needs k // 2 < H, W
     noise = torch.stack([_rand(generator, -1, 1, (2, H, W)) for _ in range(N)])  # N 2 H W: dx, dy per image
-    return gaussian_blur(noise, k, sigma) * alpha / 2
+    return gaussian_blur(noise.to(device), k, sigma) * alpha / 2
 
 def elastic_transform(x, alpha, generator, sigma=5.0):
     """x (N,C,H,W) -> x resampled at (q + dx, p + dy), elastic_field's independent field per image (FLASH A2.3/A3.2:
     torchvision's ElasticTransform, displacement strength alpha); bilinear, reflection at the borders (torchvision
     fills with 0, a black sliver the decoder would learn to undo). alpha=0 is the identity."""
     N, _, H, W = x.shape
-    d = elastic_field(N, H, W, alpha, generator, sigma).to(x)
+    d = elastic_field(N, H, W, alpha, generator, sigma, x.device).to(x)
     ys = torch.linspace(-1 + 1 / H, 1 - 1 / H, H, device=x.device).view(1, H, 1).expand(N, H, W)
     xs = torch.linspace(-1 + 1 / W, 1 - 1 / W, W, device=x.device).view(1, 1, W).expand(N, H, W)
     grid = torch.stack([xs + d[:, 0] * 2 / W, ys + d[:, 1] * 2 / H], -1)  # N H W 2, pixel centres + offsets

@@ -54,6 +54,14 @@ def attention(q, k, v, causal=False, chunk=0):
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=-2)], dim=-2)
 
 
+def maybe_checkpoint(on, module, *args):
+    """module(*args); with `on` (gradient checkpointing, while training) its activations are recomputed in backward
+    instead of kept. The U-Net's and the VAE decoder's switch."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
 def group_norm(norm, x, frames, pooled):
     """GroupNorm per frame, or with statistics pooled over the frames of each video (AnimateDiff v1)."""
     if not pooled:
@@ -349,9 +357,7 @@ class UNet(nn.Module):
         return x
 
     def _call(self, module, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+        return maybe_checkpoint(self.gradient_checkpointing and self.training, module, *args)
 
     def forward(self, x, t, context):
         b, _, frames, h, w = x.shape

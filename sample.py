@@ -211,8 +211,10 @@ def save_pipeline(pipe, folder):
 
 @torch.no_grad()
 def encode_prompt(pipe, prompts):
-    """list of prompts -> CLIP last hidden states (B, 77, D)"""
-    return pipe.text_encoder(pipe.tokenizer(prompts).to(pipe.device))
+    """list of prompts -> CLIP last hidden states (B, 77, D) on pipe.device, wherever the text encoder sits (train.py
+    moves it off the GPU after encoding the captions; its periodic samples still encode prompts)"""
+    te = pipe.text_encoder
+    return te(pipe.tokenizer(prompts).to(next(te.parameters()).device)).to(pipe.device)
 
 # ----------------------------------------------------------------------------- sampling
 

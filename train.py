@@ -223,7 +223,7 @@ def decoder_step(args, pipe, clip, gen, autocast):
     pick = torch.cat([torch.zeros(1, dtype=torch.long),  # the first frame and decoder_frames - 1 random others
                       1 + torch.randperm(args.frames - 1, generator=gen)[: args.decoder_frames - 1]])
     clean = clip[pick].to(dev)
-    distorted = decoder_distort(clip, gen)[pick].to(dev)
+    distorted = decoder_distort(clean, gen)  # the decoded frames only: every draw is per frame anyway
     with torch.no_grad():
         z = pipe.vae.encode(distorted.to(vae_dtype))
         ref = pipe.vae.encoder_features(clip[:1].to(dev, vae_dtype))  # g^1: the clean first frame
@@ -283,7 +283,7 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
     acp = alphas_cumprod().to(dev)
     t_weights = timestep_weights(args.timestep_alpha if args.timesteps == "cosine" else 0.0)
     n_layers = len(cross_frame_layers(pipe.unet))
-    pipe.unet.gradient_checkpointing = args.gradient_checkpointing
+    pipe.unet.gradient_checkpointing = pipe.vae.decoder.gradient_checkpointing = args.gradient_checkpointing
     sample_image = args.sample_image if unet_stage else None  # periodic samples need the trained U-Net
     os.makedirs(args.out, exist_ok=True)
     model.train()
@@ -292,7 +292,7 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
         t0 = time.time()
         vi = torch.randint(len(videos), (), generator=gen).item()
         clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip,
-                           start=args.clip_start)
+                           start=args.clip_start).to(dev)  # augmentation and distortion run on the device
         if unet_stage:
             loss, row = unet_step(args, pipe, clip, embeds[vi], null_embed, gen, autocast, acp, t_weights, n_layers)
         else:

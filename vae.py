@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import attention, load_checked, load_state_dict_file, read_json
+from model import attention, load_checked, load_state_dict_file, maybe_checkpoint, read_json
 
 
 @dataclass
@@ -202,6 +202,7 @@ class Decoder(nn.Module):
             self.up_blocks.append(blk)
         self.conv_norm_out = nn.GroupNorm(g, rev[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # train.py's decoder stage: every resnet and detail block recomputed
         if cfg.detail:
             # Scale pairing (SD-1.5, image H): detail.i for i < n-1 acts on the INPUT of up_blocks.i (H/8, H/4, H/2),
             # detail.{n-1} on the OUTPUT of the last up block (H, before conv_norm_out); each is paired with the
@@ -221,16 +222,16 @@ class Decoder(nn.Module):
 
     def forward(self, z, ref=None):
         h = run_mid(self.mid_block, self.conv_in(z))
-        n = len(self.up_blocks)
+        n, ckpt = len(self.up_blocks), self.gradient_checkpointing and self.training
         for i, blk in enumerate(self.up_blocks):
             if ref is not None and i < n - 1 and str(i) in self.detail:
-                h = self.detail[str(i)](h, ref[i])
+                h = maybe_checkpoint(ckpt, self.detail[str(i)], h, ref[i])
             for r in blk.resnets:
-                h = r(h)
+                h = maybe_checkpoint(ckpt, r, h)
             for u in blk.upsamplers:
                 h = u(h)
         if ref is not None and str(n - 1) in self.detail:
-            h = self.detail[str(n - 1)](h, ref[n - 1])
+            h = maybe_checkpoint(ckpt, self.detail[str(n - 1)], h, ref[n - 1])
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
