@@ -48,7 +48,7 @@ TIMESTEP_ALPHA = 1.0
 # clips are 2x cheaper per step but not better per second (13.2 at 1800 steps); a radius-0.15 disc 13.3 (750); guidance
 # 1-7.5 and LAMP's shared noise 0.2-0.5 do not change the picture; with adain=False every frame takes a random colour.
 BATCH = dict(vae=16, unet=32)
-SAMPLING = dict(steps=25, guidance=7.5, adain=True)  # sample.py's defaults (FLASH A3.2)
+SAMPLING = dict(steps=25, guidance=7.5, adain="lamp")  # sample.py's defaults (FLASH A3.2)
 THREADS = 2  # idle 2-core CPU: 0.24 s per FLASH step with two threads, 0.42 s with one (measured)
 
 
@@ -395,7 +395,85 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    return run(p.parse_args(argv))
+    p.add_argument("--long", action="store_true", help="then measure 64-frame videos and loops (sample.py --long)")
+    args = p.parse_args(argv)
+    result = run(args)
+    if args.long:
+        refs, starts = make_demo_references(2 if args.fast else N_REFS, SIZE, seed=1000 + args.seed)
+        result["long"] = measure_long(result["pipe"], refs, starts, result["out"], *((20, 2) if args.fast else ()),
+                                      seed=args.seed)
+    return result
+
+
+# ----------------------------------------------------------------------------- longer and looping videos
+# `python demo.py --long`: after the demo, sample.py's --long modes and --loop on the trained toy model (README,
+# "Longer and looping videos"). Joins: the transitions between 16-frame segments (frames 16|17, 31|32, ...).
+from sample import ADAIN_MODES, LONG_MODES  # noqa: E402 (this section's own import)
+
+def frame_steps(video):
+    """uint8 (F,H,W,3) -> (F-1,) mean absolute pixel difference between consecutive frames"""
+    v = video.astype(np.float32)
+    return np.abs(v[1:] - v[:-1]).mean((1, 2, 3))
+
+
+def seam_ratio(video):
+    """||frame_N - frame_1|| / mean ||frame_i+1 - frame_i|| (mean absolute pixel differences): about 1 when the
+    wrap-around looks like any other step, 0 when the last frame repeats the first"""
+    v = video.astype(np.float32)
+    return float(np.abs(v[-1] - v[0]).mean() / frame_steps(video).mean())
+
+
+def join_ratio(video, segment=FRAMES - 1):
+    """mean frame-to-frame difference at the segment joins / elsewhere (1 = the joins are invisible)"""
+    d = frame_steps(video)
+    joins = np.zeros(len(d), bool)
+    joins[segment::segment] = True
+    return float(d[joins].mean() / d[~joins].mean())
+
+
+def colour_drift(video):
+    """mean over frames 2..N of the largest per-channel mean difference to frame 1, in pixel levels"""
+    m = video.astype(np.float32).mean((1, 2))
+    return float(np.abs(m[1:] - m[:1]).max(1).mean())
+
+
+def measure_long(pipe, refs, starts, out, frames=64, steps=None, seed=0):
+    """Each reference: a 16-frame video per AdaIN mode, a `frames`-frame video per --long mode, 16-frame loops
+    (gradient through x0 / through the U-Net) and a `frames`-frame windows loop. Prints and returns the table."""
+    steps = steps or SAMPLING["steps"]
+    out = Path(out) / "long"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("16 frames", dict(frames=FRAMES)),
+            *[(f"16, adain {m}", dict(frames=FRAMES, adain=m)) for m in ADAIN_MODES if m != SAMPLING["adain"]],
+            *[(f"{frames}, {m}", dict(frames=frames, long=m)) for m in LONG_MODES],
+            ("16, loop (x0)", dict(frames=FRAMES, loop=True)),
+            ("16, loop (unet)", dict(frames=FRAMES, loop=True, loop_grad="unet")),
+            (f"{frames}, windows, loop", dict(frames=frames, long="windows", loop=True))]
+    rows = {name: [] for name, _ in runs}
+    for i in tqdm(range(len(refs)), desc="long videos"):
+        for j, (name, kw) in enumerate(runs):
+            t0 = time.time()
+            v = animate(pipe, refs[i], PROMPT, height=SIZE, width=SIZE, seed=seed + i, progress=False,
+                        **{**SAMPLING, "steps": steps, **kw})
+            secs = time.time() - t0
+            if i == 0:  # the first reference's videos, numbered as the table's rows
+                write_video(v, out / f"ref0_row{j}.gif", FPS)
+            rows[name].append(dict(s_per_frame=secs / len(v), join_ratio=join_ratio(v) if len(v) > FRAMES else None,
+                                   seam_ratio=seam_ratio(v), colour_drift=colour_drift(v),
+                                   mean_err=score(to_tensor(v[:FRAMES]), starts[i])["mean_err"]))
+    base = np.mean([r["s_per_frame"] for r in rows["16 frames"]])
+    table = {name: {k: (float(np.mean([r[k] for r in rs])) if rs[0][k] is not None else None) for k in rs[0]}
+             for name, rs in rows.items()}
+    print(f"\nlonger and looping videos, {len(refs)} held-out references, {steps} DDIM steps (mean over references)")
+    print(f"{'':22s}{'join ratio':>11s}{'seam ratio':>11s}{'err 1-16':>10s}{'colour':>8s}{'s/frame vs 16':>15s}")
+    for name, r in table.items():
+        r["time_vs_16"] = r["s_per_frame"] / base
+        join = f"{r['join_ratio']:11.2f}" if r["join_ratio"] is not None else f"{'-':>11s}"
+        print(f"{name:22s}{join}{r['seam_ratio']:11.2f}{r['mean_err']:10.2f}{r['colour_drift']:8.2f}"
+              f"{r['time_vs_16']:15.2f}")
+    (out / "long_scores.json").write_text(json.dumps(dict(frames=frames, steps=steps, table=table, per_reference=rows),
+                                                     indent=2))
+    return table
 
 
 if __name__ == "__main__":

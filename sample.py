@@ -2,8 +2,11 @@
 FLASH sampling (arXiv 2503.00276, Sec. 4 / App. A3.2): animate a reference image into a video of the learned action.
 DDIM (Song et al., arXiv 2010.02502, Eq. 12, eta 0) on AnimateDiff's noise schedule; classifier-free guidance
 (Ho & Salimans, arXiv 2207.12598) in one batched U-Net call; frame 1 = E(reference image), kept clean at every step;
-LAMP's shared noise and AdaIN (arXiv 2310.10769, RQ-Wu/LAMP pipeline_lamp.py); decoding through the Detail Enhancement
-Decoder fed by the reference's encoder features. API: load_pipeline() + animate(); CLI: python sample.py --help
+LAMP's shared noise, AdaIN and histogram matching (arXiv 2310.10769, RQ-Wu/LAMP); decoding through the Detail
+Enhancement Decoder fed by the reference's encoder features. Videos longer than the training length: phased inference
+with shared noise reschedule (arXiv 2405.17306, Sec. 3.4) or FreeNoise-style sliding windows (arXiv 2310.15169);
+seamless loops: LVMM's looping guidance (LVMM supplementary, Sec. 3). Several references per run, weights and prompt
+embeddings loaded once. API: load_pipeline() + animate(); CLI: python sample.py --help
 """
 import argparse
 import json
@@ -42,11 +45,16 @@ def ddim_timesteps(steps, n=TRAIN_STEPS, offset=1):
     return (torch.arange(steps) * (n // steps)).flip(0) + offset
 
 
+def predicted_x0(x, eps, a_t):
+    """DDIM's "predicted x_0" (Eq. 12): (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)"""
+    return (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
 def ddim_step(x, eps, t, t_prev, alphas_cumprod):
     """DDIM Eq. 12 with sigma_t = 0: x_t -> x_{t_prev}. t_prev < 0 (the last step) takes a_prev = 1."""
     a_t = alphas_cumprod[t]
     a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
-    pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # "predicted x_0"
+    pred_x0 = predicted_x0(x, eps, a_t)
     return a_prev.sqrt() * pred_x0 + (1 - a_prev).sqrt() * eps  # + "direction pointing to x_t"
 
 
@@ -57,6 +65,105 @@ def adaptive_instance_norm(content, style, eps=1e-8):
     sd_c = (content.var((-2, -1), keepdim=True) + eps).sqrt()
     sd_s = (style.var((-2, -1), keepdim=True) + eps).sqrt()
     return (content - mu_c) / sd_c * sd_s + mu_s
+
+
+def match_histograms(frames, ref):
+    """LAMP's colour post-processing (RQ-Wu/LAMP inference_script.py, his_match) on uint8 frames (F,H,W,3): every
+    channel of every frame goes through the lookup table v -> the lowest level u whose reference CDF reaches the
+    frame's CDF at v. Integer counts (frames and reference have the same pixel count), so no rounding ties."""
+    out = np.empty_like(frames)
+    for c in range(3):
+        cdf_ref = np.cumsum(np.bincount(ref[..., c].ravel(), minlength=256))
+        for f, frame in enumerate(frames[..., c]):
+            cdf = np.cumsum(np.bincount(frame.ravel(), minlength=256))
+            out[f, ..., c] = np.searchsorted(cdf_ref, cdf, side="left").clip(0, 255).astype(np.uint8)[frame]
+    return out
+
+# ----------------------------------------------------------------------------- longer and looping videos
+# Every U-Net call sees at most `context` frames (the training length): [clean E(I); up to context - 1 frames], the
+# layout FLASH trains on (Eq. 1: clean first frame, noisy frames 2..N). So in every segment or window the cross-frame
+# attention keys on the reference (first_frame_kv takes frame 1 of the call) and the motion module sees it at PE
+# position 0, as in training; the reference's own prediction is dropped. The extra frame costs 1/context per call.
+PHASED_GAMMA, PHASED_OMEGA = 0.8, 0.2  # arXiv 2405.17306 Sec. 4.1: gamma 0.8 (Eq. 9), omega 0.2 (Eq. 11)
+OVERLAP = 4  # windows: frames shared by neighbouring context windows (AnimateDiff-Evolved's default overlap)
+LONG_MODES = ("phased", "windows", "naive")
+ADAIN_MODES = ("lamp", "post", "off")
+ADAIN = "lamp"  # default: measured on the demo model (README, "How it maps to the paper")
+LOOP_WEIGHT = 0.1  # LVMM's mu for the sum-reduced L1 loss below (measured on the demo model: README)
+
+
+def context_frames(pipe, context=None):
+    """Frames per U-Net call: `context`, else the checkpoint's training length (settings.json "frames"), else 16;
+    at most the motion module's positional-encoding length."""
+    u = pipe.unet.config
+    limit = u.motion_max_len if u.motion_modules else None
+    n = context or pipe.info.get("settings", {}).get("frames", 16)
+    n = min(n, limit) if limit and not context else n
+    if n < 2 or (limit and n > limit):
+        raise ValueError(f"--context-frames {n}: want 2 to {limit} (the motion module's positional encoding)"
+                         if limit else f"--context-frames {n}: want at least 2 (the reference and one frame)")
+    return n
+
+
+def context_windows(n, size, overlap):
+    """(start, end) windows of `size` frames over n frames, stride size - overlap, the last one flush with the end
+    (diffusers' FreeNoise layout); one window when n <= size."""
+    if n <= size:
+        return [(0, n)]
+    out = [(s, s + size) for s in range(0, n - size + 1, size - overlap)]
+    return out + [(n - size, n)] if out[-1][1] < n else out
+
+
+def pyramid_weights(n):
+    """FreeNoise's pyramid fusion weights (arXiv 2310.15169, Eq. 9; diffusers' "pyramid"): 1 2 2 1, 1 2 3 2 1, ..."""
+    return torch.tensor([min(i + 1, n - i) for i in range(n)], dtype=torch.float32)
+
+
+def freenoise_reschedule(noise, size, stride, g):
+    """FreeNoise's noise rescheduling over frames (dim 2), in place: each block of `stride` frames past the first
+    `size` is a random permutation of the block `size` frames earlier, so distant frames share noise (long-range
+    correlation) while the frames of any one window stay distinct."""
+    n = noise.shape[2]
+    for i in range(size, n, stride):
+        src = torch.arange(i - size, i - size + stride)
+        src = src[torch.randperm(stride, generator=g)][: n - i]
+        noise[:, :, i:i + len(src)] = noise[:, :, src]
+    return noise
+
+
+def loop_loss(x0):
+    """LVMM's looping constraint (supplementary Sec. 3) on clean latents (1,4,F,h,w), our stand-in for its motion
+    displacement fields z_k: L = ||x_F - x_1||_1 + ||(x_F - x_{F-1}) - (x_2 - x_1)||_1 (position and velocity at the
+    end match the start; sums, so the gradient per element is O(1) at any size)."""
+    first, last = x0[:, :, 0], x0[:, :, -1]
+    return (last - first).abs().sum() + ((last - x0[:, :, -2]) - (x0[:, :, 1] - first)).abs().sum()
+
+
+def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=None, overlap=OVERLAP,
+                   gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False, loop_weight=LOOP_WEIGHT, loop_grad="x0"):
+    """animate()'s and the CLI's rules for the sampling settings (frames None: not known yet)."""
+    if frames is not None and frames < 2:
+        raise ValueError(f"--frames {frames}: want at least 2 (frame 1 is the reference image)")
+    if not 1 <= steps <= TRAIN_STEPS:
+        raise ValueError(f"--steps {steps}: want 1 to {TRAIN_STEPS} DDIM steps (FLASH uses 25)")
+    if not 0 <= shared_noise < 1:
+        raise ValueError(f"--shared-noise {shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
+    for name, v, ok in (("adain", adain, ADAIN_MODES), ("long", long, LONG_MODES + (None,)),
+                        ("loop-grad", loop_grad, ("x0", "unet"))):
+        if v not in ok:
+            raise ValueError(f"--{name} {v}: want one of {', '.join(str(o) for o in ok if o)}")
+    if not overlap >= 0:
+        raise ValueError(f"--overlap {overlap}: want 0 or more frames")
+    if not 0 <= gamma < 1:
+        raise ValueError(f"--gamma {gamma}: want 0 <= gamma < 1 (the paper: 0.8; 1 would only copy segment 1)")
+    if not 0 <= omega < math.inf:
+        raise ValueError(f"--omega {omega}: want a finite omega >= 0 (the paper: 0.2)")
+    if not 0 <= loop_weight < math.inf:
+        raise ValueError(f"--loop-weight {loop_weight}: want a finite weight >= 0 (default {LOOP_WEIGHT})")
+    if loop and frames is not None and frames < 3:
+        raise ValueError(f"--loop needs --frames 3 or more (it matches the last two frames to the first two), "
+                         f"got {frames}")
+
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -105,6 +212,7 @@ class Pipeline:
     device: torch.device
     dtype: torch.dtype  # the U-Net's; the VAE keeps its own (fp32 unless --vae-dtype bf16), text encoder fp32
     info: dict = field(default_factory=dict)  # formats, motion-module version, weight files, checkpoint settings
+    embeddings: dict = field(default_factory=dict)  # encode_prompt's cache: (text encoder, prompts) -> embeddings
 
 
 def load_pipeline(base, motion_module=None, checkpoints=(), device=None, dtype=None, detail=True, tokenizer=None,
@@ -211,60 +319,160 @@ def save_pipeline(pipe, folder):
 
 @torch.no_grad()
 def encode_prompt(pipe, prompts):
-    """list of prompts -> CLIP last hidden states (B, 77, D) on pipe.device, wherever the text encoder sits (train.py
-    moves it off the GPU after encoding the captions; its periodic samples still encode prompts)"""
+    """list of prompts -> CLIP last hidden states (B, 77, D) on pipe.device, computed once per prompt list and text
+    encoder, wherever the text encoder sits (train.py moves it off the GPU; its periodic samples still encode)"""
     te = pipe.text_encoder
-    return te(pipe.tokenizer(prompts).to(next(te.parameters()).device)).to(pipe.device)
+    key = (id(te), tuple(prompts))
+    if key not in pipe.embeddings:
+        pipe.embeddings[key] = te(pipe.tokenizer(prompts).to(next(te.parameters()).device)).to(pipe.device)
+    return pipe.embeddings[key]
 
 # ----------------------------------------------------------------------------- sampling
 
 
 @torch.no_grad()
 def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidance=7.5, seed=0, height=None,
-            width=None, adain=True, shared_noise=0.0, detail=True, progress=True, callback=None):
+            width=None, adain=ADAIN, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
+            context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
+            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False):
     """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
-    callback(i, t, latents (1,4,F,h,w)) runs after every step; timing and checks land in pipe.info["last_run"]."""
+    adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
+    rule + post), "off". hist_match: LAMP's RGB histogram matching of frames 2..N to frame 1 after decoding.
+    Frames beyond `context` (default: the training length) use `long`: "phased" (default; arXiv 2405.17306 Sec. 3.4),
+    "windows" (sliding windows, FreeNoise; the default with loop) or "naive" (each segment restarts from the previous
+    one's last frame);
+    with frames <= context every mode is the plain sampler. loop: LVMM's looping guidance with weight loop_weight,
+    its gradient taken through DDIM's x0 formula ("x0") or also through the U-Net ("unet").
+    callback(i, t, latents) runs after every DDIM step on the frames being denoised ([clean first frame; frames]:
+    the whole video, or one phased/naive segment); timing, checks and the final latents land in
+    pipe.info["last_run"]."""
     s = pipe.info.get("settings", {})
     height, width = height or s.get("height", 512), width or s.get("width", 512)
     check_size(height, width)
-    if not 0 <= shared_noise < 1:
-        raise ValueError(f"--shared-noise {shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
-    if not 1 <= steps <= TRAIN_STEPS:
-        raise ValueError(f"--steps {steps}: want 1 to {TRAIN_STEPS} DDIM steps")
-    u = pipe.unet.config
-    if u.motion_modules and frames > u.motion_max_len:
-        raise ValueError(f"--frames {frames}: the motion module's positional encoding holds {u.motion_max_len} frames; "
-                         f"use --frames {u.motion_max_len} or fewer")
+    check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad)
+    L = context_frames(pipe, context)
+    mode = "plain" if frames <= L else long or ("windows" if loop else "phased")
+    if loop and mode == "phased":  # measured: the loop loss did not move (README, "Longer and looping videos")
+        raise ValueError("--loop with --long phased: later segments re-run only the last, low-noise DDIM steps, too "
+                         "late for the loop guidance to act; use --long windows (the default with --loop) or naive")
+    if mode == "windows" and overlap >= L - 1:
+        raise ValueError(f"--overlap {overlap}: want fewer than the {L - 1} frames a window holds besides frame 1")
+    if loop and loop_grad == "unet" and mode == "windows":
+        raise ValueError("--loop-grad unet backpropagates through one U-Net call, but --long windows fuses several "
+                         "per step: use --loop-grad x0, or --long naive")
     vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
     vdt = next(vae.parameters()).dtype
     img = (image if torch.is_tensor(image) else load_image(image, height, width))[None].to(dev, vdt)  # 1 3 H W
-    ctx = encode_prompt(pipe, [negative_prompt, prompt] if cfg else [prompt])  # once; CFG batch = [uncond; cond]
+    ctx = encode_prompt(pipe, [negative_prompt, prompt] if cfg else [prompt])  # CFG batch = [uncond; cond]
     z0 = vae.encode(img).float()[:, :, None]  # 1 4 1 h w: E(I), the posterior mean
     g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on every device
     down = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
-    x = torch.randn((1, vae.config.latent_channels, frames, height // down, width // down), generator=g)
-    x[:, :, 1:] = shared_noise * x[:, :, :1] + (1 - shared_noise) * x[:, :, 1:]  # LAMP: n_f <- a n_0 + (1 - a) n_f
-    x = x.to(dev)
-    x[:, :, :1] = z0
-    acp, t0 = alphas_cumprod().to(dev), time.time()
-    for i, t in enumerate(tqdm(ddim_timesteps(steps).tolist(), desc="DDIM", disable=not progress)):
-        eps = pipe.unet(torch.cat([x, x]) if cfg else x, t, ctx).float()  # all frames, frame 1 clean
+    shape = (1, vae.config.latent_channels, min(frames, L), height // down, width // down)
+    noise = torch.randn(shape, generator=g)  # the plain sampler's draw in every mode
+    acp, ts, dt = alphas_cumprod().to(dev), ddim_timesteps(steps).tolist(), TRAIN_STEPS // steps
+    M = min(math.ceil(round(gamma * steps, 6)), steps - 1)  # Eq. 9: M = ceil(gamma T) shared ("contour") steps
+    segments = [(a, min(a + L - 1, frames)) for a in range(1, frames, L - 1)]  # video frames of each segment
+    windows = context_windows(frames - 1, L - 1, overlap) if mode == "windows" else []  # frames 2..N per window
+    calls = dict(plain=steps, windows=steps * len(windows), naive=steps * len(segments),
+                 phased=steps + (len(segments) - 1) * (steps - M))[mode]
+    bar = iter(tqdm(range(calls), desc="DDIM" if mode == "plain" else f"DDIM {mode} (U-Net calls)",
+                    disable=not progress))
+    done = torch.zeros(1, shape[1], frames, *shape[3:], device=dev)  # finished latents (the loop loss reads them)
+    done[:, :, :1] = z0
+
+    def unet(x, t):  # one U-Net call with classifier-free guidance: x = [clean first frame; frames] (1,4,f,h,w)
+        next(bar)
+        eps = pipe.unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
         if cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
-        x[:, :, 1:] = ddim_step(x[:, :, 1:], eps[:, :, 1:], t, t - TRAIN_STEPS // steps, acp)
-        if adain:
-            # LAMP's in-loop rule as its code runs it (frames 1-indexed): frame 2 is aligned to frame 1 only late
-            # (its i > 30 of 50, here i > 0.6 steps); frames 3.. are aligned to frame 2 at EVERY step (its
-            # `if f > 1` branch overrides the late one).
-            if i > round(0.6 * steps):
-                x[:, :, 1:2] = adaptive_instance_norm(x[:, :, 1:2], x[:, :, :1])
-            x[:, :, 2:] = adaptive_instance_norm(x[:, :, 2:], x[:, :, 1:2])
-        x[:, :, :1] = z0  # frame 1 is never denoised: it stays E(I)
-        if callback is not None:
-            callback(i, t, x)
-    if adain:  # LAMP post-processing: every later frame takes frame 1's per-channel statistics
+        return eps
+
+    def fused(x, t):  # windows: each window = [E(I); its frames]; overlapping predictions fused with pyramid weights
+        eps, total = torch.zeros_like(x), torch.zeros(x.shape[2], device=dev)
+        for a, b in windows:
+            w = pyramid_weights(b - a).to(dev)
+            eps[:, :, 1 + a:1 + b] += w.view(1, 1, -1, 1, 1) * unet(x[:, :, [0, *range(1 + a, 1 + b)]], t)[:, :, 1:]
+            total[1 + a:1 + b] += w
+        return eps / total.clamp(min=1).view(1, 1, -1, 1, 1)  # frame 1's eps (0) is never used
+
+    def denoise(x, first_step, predict, video_frames, split=None):
+        """DDIM steps first_step.. on x = [clean first frame; frames]; video_frames: the frames' indices in the
+        video. Returns x and, at step `split`, the state and its prediction before that step (phased)."""
+        anchor, at_split = x[:, :, :1].clone(), None
+        guide = loop and frames - 1 in video_frames  # the loop term needs frame N's prediction
+        for i in range(first_step, steps):
+            t = ts[i]
+            eps = predict(x, t) if not (guide and loop_grad == "unet") else None
+            if guide:  # LVMM: eps += mu sigma_t grad_{x_t} L_t, L_t on the predicted clean latents of the video
+                with torch.enable_grad():
+                    xg = x.detach().requires_grad_()
+                    eps = predict(xg, t) if eps is None else eps  # "unet": the gradient also flows through eps
+                    x0 = done.clone()  # finished frames enter as constants; frame 1 is E(I)
+                    x0[:, :, video_frames] = predicted_x0(xg, eps, acp[t])[:, :, 1:]
+                    grad = torch.autograd.grad(loop_loss(x0), xg)[0]
+                eps = eps.detach() + loop_weight * (1 - acp[t]).sqrt() * grad  # sigma_t = sqrt(1 - a_t)
+            if i == split:
+                at_split = x.clone(), eps
+            x[:, :, 1:] = ddim_step(x[:, :, 1:], eps[:, :, 1:], t, t - dt, acp)
+            if adain == "lamp":
+                # LAMP's in-loop rule as its code runs it (frames 1-indexed): frame 2 is aligned to frame 1 only late
+                # (its i > 30 of 50, here i > 0.6 steps); frames 3.. are aligned to frame 2 at EVERY step (its
+                # `if f > 1` branch overrides the late one).
+                if i > round(0.6 * steps):
+                    x[:, :, 1:2] = adaptive_instance_norm(x[:, :, 1:2], x[:, :, :1])
+                if x.shape[2] > 2:  # a segment may hold one frame besides frame 1
+                    x[:, :, 2:] = adaptive_instance_norm(x[:, :, 2:], x[:, :, 1:2])
+            x[:, :, :1] = anchor  # frame 1 is never denoised: it stays E(I) (naive: the previous segment's last)
+            if callback is not None:
+                callback(i, t, x)
+        done[:, :, video_frames] = x[:, :, 1:]
+        return x, at_split
+
+    def start(anchor, n):  # [anchor; noise], LAMP's shared noise n_f <- a n_0 + (1 - a) n_f (not renormalised)
+        n = n.clone()
+        n[:, :, 1:] = shared_noise * n[:, :, :1] + (1 - shared_noise) * n[:, :, 1:]
+        n = n.to(dev)
+        n[:, :, :1] = anchor
+        return n
+
+    t0 = time.time()
+    if mode in ("plain", "windows"):
+        if mode == "windows":  # FreeNoise: frames past the first window reuse shuffled noise of earlier ones
+            noise = torch.cat([noise, noise.new_zeros(*shape[:2], frames - L, *shape[3:])], 2)
+            freenoise_reschedule(noise[:, :, 1:], L - 1, L - 1 - overlap, g)
+        x, _ = denoise(start(z0, noise), 0, fused if mode == "windows" else unet, list(range(1, frames)))
+    elif mode == "naive":  # the baseline of 2405.17306 Sec. 3.4: each segment restarts from the previous last frame
+        anchor = z0
+        for k, (a, b) in enumerate(segments):
+            n = noise if k == 0 else torch.randn((*shape[:2], b - a + 1, *shape[3:]), generator=g)
+            anchor = denoise(start(anchor, n), 0, unet, list(range(a, b)))[0][:, :, -1:].clone()
+        x = done
+    else:  # phased inference with shared noise reschedule (arXiv 2405.17306 Sec. 3.4). Our reading, where the text is
+        # ambiguous: Eq. 9's 1:T counts DDIM steps in sampling order; M = ceil(gamma T) (the text says "upward
+        # rounding", the symbol is a floor), capped at T - 1. Eq. 10's z_t ("noise added to the input image") is
+        # segment 1's state at the split, whose content is the reference's; "t >= M" in Eq. 11 = the rescheduled
+        # noise seeds the re-run steps, which are then plain DDIM. Each later segment = [E(I); the next L - 1
+        # frames]; a last, shorter segment takes segment 1's first frames' contours.
+        # Eq. 9: segment 1 runs all T steps; segments k > 1 reuse its first M steps and re-run steps M+1..T.
+        _, (z_split, n_t) = denoise(start(z0, noise), 0, unet, list(range(1, L)), split=M)
+        a_t = acp[ts[M]]
+        contour = predicted_x0(z_split, n_t, a_t)[:, :, 1:]  # segment 1's clean estimate at the split
+        n_t = n_t[:, :, 1:]  # Eq. 10: n(t) = eps_theta(z_t, t, c), predicted on segment 1's state at the split
+        # Eq. 11: n~_k(t) = n(t) + omega eps_k, eps_k ~ N(0, I), one draw per later segment and frame.
+        # Eq. 12: the later segments' sequences [n~_2, ..., n~_K] laid end to end, then their frames shuffled.
+        seq = torch.cat([n_t + omega * torch.randn(n_t.shape, generator=g).to(dev) for _ in segments[1:]], 2)
+        seq = seq[:, :, torch.randperm(seq.shape[2], generator=g).to(dev)]
+        used = 0
+        for a, b in segments[1:]:  # segment k starts at the split from segment 1's contours + its own noise
+            z = a_t.sqrt() * contour[:, :, :b - a] + (1 - a_t).sqrt() * seq[:, :, used:used + b - a]
+            used += b - a
+            denoise(torch.cat([z0, z], 2), M, unet, list(range(a, b)))
+        x = done
+    if adain != "off":  # post-processing (FLASH A3.2, "following LAMP"): every later frame takes frame 1's statistics
         x[:, :, 1:] = adaptive_instance_norm(x[:, :, 1:], x[:, :, :1])
+    for _ in bar:  # closes the progress bar (every call is counted already)
+        pass
     if dev.type == "cuda":
         torch.cuda.synchronize()
     denoise_s = time.time() - t0
@@ -277,30 +485,67 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
         print(f"warning: NaN in decoded frames {bad} (set to 0): {why}", file=sys.stderr)
         video = torch.nan_to_num(video, nan=0.0, posinf=1.0, neginf=-1.0)
     out = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if hist_match:  # LAMP's inference_script.py: frames 2..N take frame 1's per-channel RGB histogram
+        out[1:] = match_histograms(out[1:], out[0])
     black = [f for f in range(frames) if out[f].max() == 0]
     if black:
         print(f"warning: frames {black} are entirely black", file=sys.stderr)
-    pipe.info["last_run"] = dict(denoise_s=denoise_s, detail=use_detail, nan_frames=bad, black_frames=black)
+    pipe.info["last_run"] = dict(denoise_s=denoise_s, detail=use_detail, nan_frames=bad, black_frames=black,
+                                 long=mode, context_frames=L, unet_calls=calls, latents=x.cpu(),
+                                 loop_loss=loop_loss(x).item() if frames >= 3 else None)
     return out
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def list_images(paths):
+    """--image values (files or folders of images) -> image files, folders sorted by name"""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            if not found:
+                raise FileNotFoundError(f"--image {p}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    return out
+
+
+def output_paths(args, images, seed, words):
+    """one video path per image: --out itself for one image; for several, --out is a folder of <image name>.mp4"""
+    stamp = f"samples/{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{words}"
+    if len(images) == 1:
+        return [Path(args.out or f"{stamp}.mp4")]
+    folder = Path(args.out or stamp)
+    if folder.suffix.lower() in (".mp4", ".mov", ".mkv", ".gif"):
+        raise ValueError(f"--out {args.out}: with {len(images)} images --out is a folder (one video per image, "
+                         f"named after it)")
+    out, seen = [], set()
+    for im in images:
+        name = im.stem if im.stem not in seen else f"{im.stem}-{im.suffix[1:]}"  # a.png and a.jpg
+        seen.add(name)
+        out.append(folder / f"{name}.mp4")
+    return out
+
+
 def check_args(args):
     """Reject impossible settings before any weights are read or anything is written."""
-    if not os.path.isfile(args.image):
-        raise FileNotFoundError(f"image not found: {args.image}")
-    if not 1 <= args.steps <= TRAIN_STEPS:
-        raise ValueError(f"--steps {args.steps}: want 1 to {TRAIN_STEPS} DDIM steps (FLASH uses 25)")
-    if args.frames is not None and args.frames < 2:
-        raise ValueError(f"--frames {args.frames}: want at least 2 (frame 1 is the reference image)")
+    list_images(args.image)
+    check_sampling(args.frames, args.steps, args.shared_noise, args.adain, args.long, args.overlap, args.gamma,
+                   args.omega, args.loop, args.loop_weight, args.loop_grad)
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: want a finite scale (FLASH uses 7.5; <= 1 turns CFG off)")
     if args.fps is not None and not args.fps > 0:
         raise ValueError(f"--fps {args.fps}: want a positive frame rate")
-    if not 0 <= args.shared_noise < 1:
-        raise ValueError(f"--shared-noise {args.shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
+    if args.context_frames is not None and args.context_frames < 2:
+        raise ValueError(f"--context-frames {args.context_frames}: want at least 2 (the reference and one frame)")
     if args.out:
         parent = Path(args.out).absolute()
         while not parent.exists():
@@ -331,6 +576,7 @@ def run(args):
     if prompt is None:
         raise ValueError("--prompt is required (no --checkpoint with a training prompt was given)")
     frames, fps = args.frames or s.get("frames", 16), args.fps or s.get("fps", 8)
+    check_sampling(frames, loop=args.loop)
     base, mm = args.base or s.get("base"), args.motion_module or s.get("motion_module")
     if not base:
         raise ValueError("--base is required: an SD-1.5 diffusers folder or single-file checkpoint")
@@ -338,40 +584,53 @@ def run(args):
         if p and not os.path.exists(p):
             raise FileNotFoundError(f"{what} not found: {p}")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    image = load_image(args.image, h, w)  # an unreadable image fails here, still before the weights
-    out = Path(args.out or f"samples/{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{prompt_words(prompt)}.mp4")
+    files = list_images(args.image)
+    images = [load_image(f, h, w) for f in files]  # an unreadable image fails here, still before the weights
+    outs = output_paths(args, files, seed, prompt_words(prompt))
     pipe = load_pipeline(base, mm, args.checkpoint, args.device, args.dtype, not args.no_detail, args.tokenizer,
-                         args.vae_dtype)
+                         args.vae_dtype)  # weights once; the prompt's embeddings once (encode_prompt's cache)
     if args.no_detail_full_res:
         pipe.vae.full_res_attention(False)
-    if pipe.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    video = animate(pipe, image, prompt, args.negative_prompt, frames, args.steps, args.guidance, seed, h, w,
-                    not args.no_adain, args.shared_noise, not args.no_detail)
-    secs, last = time.time() - t0, pipe.info["last_run"]
-    write_video(video, out, fps)
-    meta = dict(image=os.path.abspath(args.image), prompt=prompt, negative_prompt=args.negative_prompt, frames=frames,
-                steps=args.steps, guidance=args.guidance, seed=seed, height=h, width=w, fps=fps,
-                adain=not args.no_adain, shared_noise=args.shared_noise, detail=last["detail"],
-                detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
-                device=str(pipe.device), dtype=str(pipe.dtype)[6:], vae_dtype=args.vae_dtype, out=str(out),
-                sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
-                motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
-                weights=dict(base=os.path.abspath(base), motion_module=pipe.info.get("motion_file"),
-                             tokenizer=pipe.info["tokenizer"], checkpoints=pipe.info["checkpoints"]),
-                checkpoint_settings=pipe.info["settings"], nan_frames=last["nan_frames"])
-    side = out.with_suffix(".json") if out.suffix.lower() in (".mp4", ".mov", ".mkv", ".gif") else Path(f"{out}.json")
-    side.write_text(json.dumps(meta, indent=2))
-    mem = f" | peak GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if pipe.device.type == "cuda" else ""
-    print(f"saved {out} | {frames}x{h}x{w} @ {fps:g} fps | {secs:.1f} s, "
-          f"{args.steps / max(last['denoise_s'], 1e-9):.2f} steps/s{mem}")
+    long = dict(long=args.long, context=args.context_frames, overlap=args.overlap, gamma=args.gamma,
+                omega=args.omega, loop=args.loop, loop_weight=args.loop_weight, loop_grad=args.loop_grad,
+                hist_match=args.hist_match)
+    for file, image, out in zip(files, images, outs):
+        if pipe.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        video = animate(pipe, image, prompt, args.negative_prompt, frames, args.steps, args.guidance, seed, h, w,
+                        args.adain, args.shared_noise, not args.no_detail, **long)
+        secs, last = time.time() - t0, pipe.info["last_run"]
+        write_video(video, out, fps)
+        meta = dict(image=os.path.abspath(file), prompt=prompt, negative_prompt=args.negative_prompt,
+                    frames=frames, steps=args.steps, guidance=args.guidance, seed=seed, height=h, width=w, fps=fps,
+                    adain=args.adain, hist_match=args.hist_match, shared_noise=args.shared_noise,
+                    long=last["long"], context_frames=last["context_frames"], unet_calls=last["unet_calls"],
+                    overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
+                    loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
+                    detail=last["detail"], device=str(pipe.device), dtype=str(pipe.dtype)[6:],
+                    detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
+                    vae_dtype=args.vae_dtype, out=str(out),
+                    sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
+                    motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
+                    weights=dict(base=os.path.abspath(base), motion_module=pipe.info.get("motion_file"),
+                                 tokenizer=pipe.info["tokenizer"], checkpoints=pipe.info["checkpoints"]),
+                    checkpoint_settings=pipe.info["settings"], nan_frames=last["nan_frames"])
+        side = out.with_suffix(".json") if out.suffix.lower() in (".mp4", ".mov", ".mkv", ".gif") else \
+            Path(f"{out}.json")
+        side.write_text(json.dumps(meta, indent=2))
+        mem = f" | peak GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if pipe.device.type == "cuda" else ""
+        how = "" if last["long"] == "plain" else f", {last['long']} over {last['context_frames']}-frame U-Net calls"
+        print(f"saved {out} | {frames}x{h}x{w} @ {fps:g} fps{how} | {secs:.1f} s, "
+              f"{last['unet_calls'] / max(last['denoise_s'], 1e-9):.2f} U-Net calls/s{mem}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="FLASH (arXiv 2503.00276): animate a reference image into a video.")
     # inputs
-    p.add_argument("--image", required=True, help="reference image = frame 1 (any size/mode; scaled + centre-cropped)")
+    p.add_argument("--image", required=True, nargs="+",
+                   help="reference image(s) = frame 1, or folders of them (any size/mode; scaled + centre-cropped); "
+                        "one video + JSON each")
     p.add_argument("--prompt", help="text prompt (default: the checkpoint's caption; needed if it learnt several)")
     p.add_argument("--negative-prompt", default="", help="prompt of the unconditional CFG branch")
     # weights
@@ -380,22 +639,42 @@ def main(argv=None):
     p.add_argument("--checkpoint", nargs="+", default=[], help="train.py output folder(s) or .safetensors file(s)")
     p.add_argument("--tokenizer", help="folder with vocab.json + merges.txt (for a single-file --base)")
     # sampling: defaults of FLASH A3.2 / AnimateDiff
-    p.add_argument("--frames", type=int, help="frames (default: the checkpoint's, else 16)")
+    p.add_argument("--frames", type=int, help="frames (default: the checkpoint's, else 16); any number >= 2")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--seed", type=int, help="noise seed (default: random, written to the file name and JSON)")
     p.add_argument("--height", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")
     p.add_argument("--force-size", action="store_true", help="allow a size other than the checkpoint's")
-    p.add_argument("--no-adain", action="store_true", help="turn off LAMP's AdaIN on the latents")
+    p.add_argument("--adain", default=ADAIN, choices=ADAIN_MODES,
+                   help="AdaIN on the latents: post = frames 2..N take frame 1's statistics after denoising (the "
+                        "paper's text); lamp = LAMP's in-loop rule + post; off")
+    p.add_argument("--hist-match", action="store_true",
+                   help="match each frame's RGB histogram to frame 1 after decoding (LAMP's inference script)")
     p.add_argument("--shared-noise", type=float, default=0.0, help="LAMP shared-noise alpha (LAMP: 0.2; 0 = off)")
     p.add_argument("--no-detail", action="store_true", help="decode with the plain SD decoder (ablation)")
     p.add_argument("--no-detail-full-res", action="store_true",
                    help="skip the detail decoder's full-resolution patch attention if it was trained with it "
                         "(4.4 TFLOP per 512^2 frame; an approximation)")
+    # longer and looping videos
+    p.add_argument("--long", choices=LONG_MODES,
+                   help="how frames beyond --context-frames are made: phased (default; arXiv 2405.17306), windows "
+                        "(sliding windows, FreeNoise; the default with --loop), naive (each segment restarts from "
+                        "the previous one's last frame)")
+    p.add_argument("--context-frames", type=int,
+                   help="frames per U-Net call (default: the checkpoint's training frames, else 16)")
+    p.add_argument("--overlap", type=int, default=OVERLAP, help="windows: frames shared by neighbouring windows")
+    p.add_argument("--gamma", type=float, default=PHASED_GAMMA,
+                   help="phased: share of the DDIM steps later segments take from segment 1 (Eq. 9)")
+    p.add_argument("--omega", type=float, default=PHASED_OMEGA, help="phased: noise added in the reschedule (Eq. 11)")
+    p.add_argument("--loop", action="store_true", help="LVMM's looping guidance: the end matches the start")
+    p.add_argument("--loop-weight", type=float, default=LOOP_WEIGHT, help="looping guidance weight mu")
+    p.add_argument("--loop-grad", default="x0", choices=["x0", "unet"],
+                   help="loop gradient through DDIM's x0 formula only (x0) or also through the U-Net (unet)")
     # output and runtime
     p.add_argument("--fps", type=float, help="playback fps (default: the checkpoint's, else 8)")
-    p.add_argument("--out", help=".mp4, .gif, or a folder for PNG frames (default: samples/<time>-<seed>-<prompt>.mp4)")
+    p.add_argument("--out", help=".mp4, .gif, or a folder for PNG frames (default: samples/<time>-<seed>-<prompt>.mp4)"
+                                 "; with several images a folder of <image name>.mp4")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="U-Net dtype")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE dtype")

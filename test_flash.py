@@ -1681,7 +1681,7 @@ class TestSample:
         batches.clear()
         S.animate(pipe, sd / "ref.png", "a person waving", seed=0, guidance=1.0, **kw)
         assert batches == [1, 1, 1]  # no wasted unconditional batch
-        d = S.animate(pipe, sd / "ref.png", "a person waving", seed=0, adain=False, shared_noise=0.2, **kw)
+        d = S.animate(pipe, sd / "ref.png", "a person waving", seed=0, adain="off", shared_noise=0.2, **kw)
         assert not np.array_equal(a[1:], d[1:])
         hook.remove()
 
@@ -1691,7 +1691,7 @@ class TestSample:
         pipe = load(sd)
         want = S.encode_prompt(pipe, ["a person waving"])
         pipe.device = torch.device("meta")
-        got = S.encode_prompt(pipe, ["a person waving"])
+        got = S.encode_prompt(pipe, ["a person waving", ""])[:1]  # a new prompt list: not from encode_prompt's cache
         assert got.is_meta and got.shape == want.shape
 
     def test_apply_checkpoint_strict_and_detail(self, sd, tmp_path):
@@ -1731,7 +1731,7 @@ class TestSample:
         procs = [cli(*common, "--base", sd, "--motion-module", sd / "motion_module.safetensors", "--prompt", "wave",
                      "--height", H, "--width", W, "--seed", 7, "--out", tmp_path / "a.mp4"),
                  cli(*common, "--checkpoint", ck, "--seed", 7, "--out", tmp_path / "b.gif"),  # settings = defaults
-                 cli(*common, "--checkpoint", ck, "--frames", 5, "--no-adain", "--out", tmp_path / "pngs")]
+                 cli(*common, "--checkpoint", ck, "--frames", 5, "--adain", "off", "--out", tmp_path / "pngs")]
         for p in procs:
             out, err = p.communicate(timeout=120)
             assert p.returncode == 0, err
@@ -1748,6 +1748,198 @@ class TestSample:
         meta = json.loads((tmp_path / "b.gif").with_suffix(".json").read_text())
         assert meta["prompt"] == "a person waving" and meta["fps"] == 10 and meta["weights"]["checkpoints"]
         assert isinstance(json.loads((tmp_path / "pngs.json").read_text())["seed"], int)
+
+    # ------------------------------------------------------------------------- longer and looping videos, colour
+
+    def test_long_video_past_the_pe_deterministic_and_anchored(self, sd):
+        """N = 40 with a 24-frame PE: every U-Net call sees <= 16 frames (the training length) whose first is the
+        clean E(I) (naive: the previous segment's last frame); phased and naive start with the plain 16-frame video."""
+        pipe = load(sd)
+        ref_latent = pipe.vae.encode(S.load_image(sd / "ref.png", 32, 32)[None])
+        seen = []
+        hook = pipe.unet.register_forward_pre_hook(lambda m, a: seen.append(a[0][:1, :, 0].clone()) and None)
+        sizes = []
+        size_hook = pipe.unet.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[2]))
+        kw = dict(steps=2, height=32, width=32, progress=False, adain="off")
+        plain = S.animate(pipe, sd / "ref.png", "wave", frames=16, seed=0, **kw)
+        for mode in ("phased", "windows", "naive"):
+            seen.clear(), sizes.clear()
+            a = S.animate(pipe, sd / "ref.png", "wave", frames=40, long=mode, seed=0, **kw)
+            last = pipe.info["last_run"]
+            assert a.shape == (40, 32, 32, 3) and last["long"] == mode and last["context_frames"] == 16
+            assert max(sizes) <= 16 and len(sizes) == last["unet_calls"], (mode, sizes)
+            anchors = [ref_latent] if mode != "naive" else [ref_latent] + [last["latents"][:, :, 15 * k] for k in (1, 2)]
+            per_segment = len(seen) // len(anchors)
+            for k, z in enumerate(anchors):  # naive: 2 steps per segment, each keyed on its own first frame
+                assert all(torch.allclose(s, z, atol=1e-6) for s in seen[k * per_segment:(k + 1) * per_segment]), mode
+            if mode != "windows":
+                assert np.array_equal(a[:16], plain), mode  # segment 1 is the plain sampler, noise and all
+            again = S.animate(pipe, sd / "ref.png", "wave", frames=40, long=mode, seed=0, **kw)
+            other = S.animate(pipe, sd / "ref.png", "wave", frames=40, long=mode, seed=1, **kw)
+            assert np.array_equal(a, again) and not np.array_equal(a[16:], other[16:]), mode
+        hook.remove(), size_hook.remove()
+        assert S.animate(pipe, sd / "ref.png", "wave", frames=40, seed=0, **kw).shape[0] == 40
+        assert pipe.info["last_run"]["long"] == "phased"  # the default past the training length
+
+    def test_long_modes_equal_plain_sampler_when_frames_fit(self, sd):
+        pipe = load(sd)
+        kw = dict(frames=8, steps=2, height=H, width=W, progress=False, seed=4)
+        plain = S.animate(pipe, sd / "ref.png", "wave", **kw)
+        for mode in ("phased", "windows", "naive"):
+            assert np.array_equal(S.animate(pipe, sd / "ref.png", "wave", long=mode, **kw), plain), mode
+            assert pipe.info["last_run"]["long"] == "plain" and pipe.info["last_run"]["unet_calls"] == 2
+
+    def test_windows_cover_every_frame_and_fuse_per_frame_predictions(self):
+        for n, size, overlap in [(39, 15, 4), (63, 15, 4), (20, 5, 2), (16, 15, 0), (7, 3, 1), (5, 5, 2)]:
+            wins = S.context_windows(n, size, overlap)
+            assert wins[0][0] == 0 and wins[-1][1] == n and all(b - a == min(size, n) for a, b in wins)
+            assert set().union(*(range(a, b) for a, b in wins)) == set(range(n))
+            assert all(b0 - a1 >= overlap for (_, b0), (a1, _) in zip(wins, wins[1:]))  # neighbours share frames
+        assert S.pyramid_weights(4).tolist() == [1, 2, 2, 1] and S.pyramid_weights(5).tolist() == [1, 2, 3, 2, 1]
+        # a U-Net that treats frames independently (no motion modules, per-frame attention): the windows' fused
+        # prediction of a frame must equal its own prediction, so each frame of a long video ends where the plain
+        # sampler takes the same noise; FreeNoise gives every frame past the first window an earlier frame's noise.
+        torch.manual_seed(0)
+        models = (UNet(UNetConfig(**{**PIPE_UNET, "motion_modules": False, "cross_frame": False})),
+                  VAE(VAEConfig(**PIPE_VAE)), CLIPTextModel(CLIPTextConfig(**CLIP_TINY)))
+        pipe = S.Pipeline(*(randomize_(m, i) for i, m in enumerate(models)), Tokenizer(*byte_vocab()),
+                          torch.device("cpu"), torch.float32, {"settings": {"frames": 6}})
+        image = torch.rand(3, 32, 32, generator=gen(0)) * 2 - 1
+        kw = dict(steps=2, height=32, width=32, progress=False, seed=3, adain="off")
+        steps_seen = []
+        S.animate(pipe, image, "wave", frames=20, long="windows", overlap=2,
+                  callback=lambda i, t, x: steps_seen.append(x.shape[2]), **kw)
+        assert steps_seen == [20, 20] and pipe.info["last_run"]["unet_calls"] == 2 * 6  # all frames, every step
+        long = pipe.info["last_run"]["latents"][0].transpose(0, 1)  # F 4 h w
+        S.animate(pipe, image, "wave", frames=6, **kw)
+        short = pipe.info["last_run"]["latents"][0].transpose(0, 1)
+        torch.testing.assert_close(long[:6], short, atol=1e-5, rtol=1e-5)
+        for f in range(6, 20):
+            assert min((long[f] - short[j]).abs().max().item() for j in range(1, 6)) < 1e-5, f
+
+    def test_phased_later_segments_rerun_only_the_late_steps(self):
+        """Eq. 9-12 with omega = 0 and one frame per segment: every later segment starts at segment 1's state at the
+        split (M = ceil(0.8 T) of T steps shared) and re-runs the last T - M steps, so it reproduces segment 1."""
+        pipe = tiny_pipeline(seed=2)
+        pipe.info["settings"] = {"frames": 2}  # segments of [E(I); one frame]
+        image = torch.rand(3, 32, 32, generator=gen(1)) * 2 - 1
+        calls = []
+        hook = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[1]))
+        kw = dict(frames=6, steps=5, height=32, width=32, progress=False, seed=0, adain="off")
+        S.animate(pipe, image, "wave", omega=0.0, **kw)
+        lat = pipe.info["last_run"]["latents"][0]
+        ts = S.ddim_timesteps(5).tolist()
+        assert [int(t) for t in calls] == ts + ts[4:] * 4  # M = 4: segments 2..5 run the last step only
+        for f in range(2, 6):
+            torch.testing.assert_close(lat[:, f], lat[:, 1], atol=1e-4, rtol=1e-4)
+        S.animate(pipe, image, "wave", omega=0.2, **kw)  # Eq. 11's randomness: later segments vary
+        lat = pipe.info["last_run"]["latents"][0]
+        assert all((lat[:, f] - lat[:, 1]).abs().max() > 1e-3 for f in range(2, 6))
+        hook.remove()
+
+    def test_loop_weight_zero_is_plain_and_loop_lowers_the_loss(self, sd):
+        pipe = load(sd)
+        kw = dict(frames=8, steps=3, height=H, width=W, progress=False, seed=2)
+        plain = S.animate(pipe, sd / "ref.png", "wave", **kw)
+        lat, loss = pipe.info["last_run"]["latents"], pipe.info["last_run"]["loop_loss"]
+        first, last = lat[:, :, 0], lat[:, :, -1]  # LVMM's L_t by hand on the final latents
+        by_hand = (last - first).abs().sum() + ((last - lat[:, :, -2]) - (lat[:, :, 1] - first)).abs().sum()
+        assert loss == pytest.approx(by_hand.item(), rel=1e-6)
+        assert np.array_equal(S.animate(pipe, sd / "ref.png", "wave", loop=True, loop_weight=0.0, **kw), plain)
+        for grad in ("x0", "unet"):
+            S.animate(pipe, sd / "ref.png", "wave", loop=True, loop_grad=grad, **kw)
+            assert pipe.info["last_run"]["loop_loss"] < 0.95 * loss, grad
+        pipe.info["settings"] = {"frames": 6}  # a 12-frame loop over sliding windows and over naive segments
+        for mode in ("windows", "naive"):
+            S.animate(pipe, sd / "ref.png", "wave", frames=12, steps=3, height=H, width=W, seed=2, long=mode,
+                      progress=False)
+            without = pipe.info["last_run"]["loop_loss"]
+            S.animate(pipe, sd / "ref.png", "wave", frames=12, steps=3, height=H, width=W, seed=2, long=mode,
+                      progress=False, loop=True, loop_weight=0.05)
+            assert pipe.info["last_run"]["loop_loss"] < without, mode
+        with pytest.raises(ValueError, match="--loop with --long phased"):
+            S.animate(pipe, sd / "ref.png", "wave", frames=12, long="phased", loop=True,
+                      **{k: v for k, v in kw.items() if k != "frames"})
+        with pytest.raises(ValueError, match="--loop needs --frames 3"):
+            S.animate(pipe, sd / "ref.png", "wave", frames=2, loop=True, **{k: v for k, v in kw.items() if k != "frames"})
+        with pytest.raises(ValueError, match="--loop-grad unet"):
+            S.animate(pipe, sd / "ref.png", "wave", frames=12, long="windows", loop=True, loop_grad="unet",
+                      **{k: v for k, v in kw.items() if k != "frames"})
+
+    def test_adain_post_only_moves_later_frames_to_frame_one_statistics(self, sd):
+        pipe = load(sd)
+        kw = dict(frames=6, steps=2, height=H, width=W, progress=False, seed=5)
+        runs = {}
+        for mode in ("off", "post", "lamp"):
+            video = S.animate(pipe, sd / "ref.png", "wave", adain=mode, **kw)
+            runs[mode] = video, pipe.info["last_run"]["latents"][0]  # 4 F h w
+        (v_off, off), (v_post, post), (_, lamp) = runs["off"], runs["post"], runs["lamp"]
+        assert torch.equal(post[:, 0], off[:, 0]) and np.array_equal(v_post[0], v_off[0])  # frame 1 untouched
+        mean, std = lambda a: a.mean((-2, -1)), lambda a: a.std((-2, -1))  # per channel (and frame), over h w
+        torch.testing.assert_close(mean(post[:, 1:]), mean(post[:, :1]).expand(-1, 5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(std(post[:, 1:]), std(post[:, :1]).expand(-1, 5), atol=1e-4, rtol=1e-4)
+        z = lambda a: (a - a.mean((-2, -1), keepdim=True)) / a.std((-2, -1), keepdim=True)
+        torch.testing.assert_close(z(post[:, 1:]), z(off[:, 1:]), atol=1e-4, rtol=1e-4)  # one affine map per channel
+        assert not np.array_equal(v_post[1:], v_off[1:]) and not torch.allclose(lamp[:, 2:], post[:, 2:])
+        torch.testing.assert_close(mean(lamp[:, 1:]), mean(lamp[:, :1]).expand(-1, 5), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="--adain True"):
+            S.animate(pipe, sd / "ref.png", "wave", adain=True, **kw)
+
+    def test_histogram_matching_gives_the_reference_histogram(self, sd):
+        rng = np.random.default_rng(0)
+        ref = rng.integers(0, 200, (40, 30, 3)).astype(np.uint8)
+        lut = np.arange(256) + np.arange(256) ** 2 // 800  # strictly increasing, 0..199 -> 0..248: a "colour grade"
+        graded = lut.astype(np.uint8)[ref]
+        assert len(np.unique(graded)) == len(np.unique(ref))
+        assert np.array_equal(S.match_histograms(graded[None], ref)[0], ref)  # undone exactly
+        frames = np.stack([rng.normal(120, 40, (40, 30, 3)).clip(0, 255).astype(np.uint8),
+                           rng.integers(100, 110, (40, 30, 3)).astype(np.uint8)])  # wide, and 10 levels only
+
+        def cdf_gap(frame):  # (ref CDF - frame CDF), and the frame's largest bin, per channel, as fractions
+            cdf = lambda a, c: np.cumsum(np.bincount(a[..., c].ravel(), minlength=256)) / a[..., c].size
+            return [(cdf(ref, c) - cdf(frame, c), np.bincount(frame[..., c].ravel()).max() / frame[..., c].size)
+                    for c in range(3)]
+        for before, after in zip(frames, S.match_histograms(frames, ref)):
+            for (gap, _), (gap_before, biggest) in zip(cdf_gap(after), cdf_gap(before)):
+                assert gap.min() >= -1e-12 and gap.max() < biggest + 1e-12  # equal up to one bin of the input
+                assert np.abs(gap).max() < np.abs(gap_before).max()
+        pipe = load(sd)
+        kw = dict(frames=5, steps=2, height=H, width=W, progress=False, seed=1)
+        plain = S.animate(pipe, sd / "ref.png", "wave", **kw)
+        matched = S.animate(pipe, sd / "ref.png", "wave", hist_match=True, **kw)
+        assert np.array_equal(matched[0], plain[0]) and np.array_equal(matched[1:], S.match_histograms(plain[1:], plain[0]))
+
+    def test_cli_several_images_long_loop_sidecar(self, sd, tmp_path):
+        (tmp_path / "refs").mkdir()
+        shutil.copy(sd / "ref.png", tmp_path / "refs" / "a.png")
+        Image.open(sd / "ref.png").transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "refs" / "b.jpg")
+        p = cli("--image", tmp_path / "refs", "--base", sd, "--motion-module", sd / "motion_module.safetensors",
+                "--prompt", "wave", "--height", H, "--width", W, "--steps", 2, "--frames", 12, "--context-frames", 6,
+                "--long", "windows", "--overlap", 2, "--loop", "--adain", "lamp", "--hist-match", "--seed", 3, "--device", "cpu",
+                "--out", tmp_path / "out")
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        lines = out.strip().splitlines()
+        assert sum(ln.startswith("base ") for ln in lines) == 1 and sum(ln.startswith("saved ") for ln in lines) == 2
+        for name in ("a", "b"):
+            meta = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+            assert (tmp_path / "out" / f"{name}.mp4").stat().st_size > 0 and meta["image"].endswith(name + "." +
+                                                                                                     ("png" if name == "a" else "jpg"))
+            assert (meta["long"], meta["context_frames"], meta["overlap"], meta["frames"]) == ("windows", 6, 2, 12)
+            assert meta["loop"] and meta["loop_weight"] == S.LOOP_WEIGHT and meta["loop_grad"] == "x0"
+            assert meta["adain"] == "lamp" and meta["hist_match"] and meta["unet_calls"] == 2 * 3
+            assert meta["gamma"] == 0.8 and meta["omega"] == 0.2 and meta["seed"] == 3
+
+    def test_demo_measure_long_smoke(self, fast_run, tmp_path):
+        refs, starts = demo.make_demo_references(1, demo.SIZE, seed=1000)
+        table = demo.measure_long(fast_run["pipe"], refs, starts, tmp_path, frames=20, steps=2)
+        assert {"16 frames", "20, phased", "20, windows", "20, naive", "16, loop (x0)", "16, loop (unet)"} <= set(table)
+        for name, row in table.items():
+            assert (row["join_ratio"] is None) == name.startswith("16") and np.isfinite(row["seam_ratio"]), name
+        assert table["16 frames"]["time_vs_16"] == pytest.approx(1.0)
+        video = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 10, 20, 30, 0)])  # steps 10, 10, 10, 30
+        assert demo.seam_ratio(video) == 0 and demo.frame_steps(video).tolist() == [10, 10, 10, 30]
+        assert demo.join_ratio(video, segment=3) == pytest.approx(3.0)  # the join 4|5 is 3x the other steps
 
 
 # ====================================================================================================
@@ -2105,7 +2297,12 @@ class TestBadInput:
                  ("odd_height", set_flag(base, "--height", 100), "96 or 104"),
                  ("zero_steps", set_flag(base, "--steps", 0), "--steps 0"),
                  ("one_frame", set_flag(base, "--frames", 1), "--frames 1"),
-                 ("frames_past_pe", set_flag(base, "--frames", 40), "positional encoding holds 24"),
+                 ("zero_frames", set_flag(base, "--frames", 0), "--frames 0"),
+                 ("loop_two_frames", set_flag(base, "--frames", 2) + ["--loop"], "--loop needs --frames 3"),
+                 ("negative_loop_weight", base + ["--loop", "--loop-weight", -1], "--loop-weight -1"),
+                 ("overlap_fills_window", set_flag(base, "--frames", 40) + ["--long", "windows", "--overlap", 15],
+                  "--overlap 15"),
+                 ("empty_image_folder", set_flag(base, "--image", d / "empty"), "no images"),
                  ("nan_guidance", set_flag(base, "--guidance", "nan"), "--guidance nan"),
                  ("zero_fps", set_flag(base, "--fps", 0), "--fps"),
                  ("base_cut", set_flag(base, "--base", d / "sd_cut"), "truncated or corrupt"),
