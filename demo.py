@@ -1,13 +1,18 @@
-"""Embedded FLASH demo (arXiv 2503.00276): `python demo.py` learns a toy action on a CPU, no downloads.
-A miniature of the paper's setting: (1) the "pretrained base" (what SD-1.5 gives FLASH) is a tiny VAE and a tiny image
-U-Net trained briefly on single frames of EVERY appearance, plus a tiny random frozen text encoder; (2) FLASH Sec. 3.2
-(train.train, the full recipe) teaches zero-initialised motion modules "a disc jumps to the right" from N_CLIPS
-generated clips of restricted colours and positions; (3) sample.animate animates held-out references (colours,
-backgrounds, positions never seen in training); the disc's centroid track is scored against the trained motion.
+"""Embedded FLASH demo (arXiv 2503.00276) on a CPU, no downloads: the whole method on a toy world of shapes.
+(0) `python demo.py pretrain` builds what a user downloads (shipped in demo_base/): a tiny SD-1.5 (VAE, image U-Net,
+    CLIP text encoder) and a tiny AnimateDiff motion module trained the AnimateDiff way (text-to-video, every frame
+    noised) on generic motion of every shape and colour (lines, zig-zags, circles, still; never the target action).
+(1) `python demo.py`: FLASH Sec. 3.2 (train.train: strong augmentation, motion and correspondence alignment) learns
+    "a shape jumps to the right" from 16 clips of red/orange discs on blue, on top of the base; sample.animate then
+    animates held-out references (squares and diamonds, colours, backgrounds, positions never in the training clips).
+(2) `python demo.py --ablation`: Table 2 (Sec. 4.3) in miniature, variants #1, #2 and #5 from the same base.
+Scored by the object's centroid track against the trained motion, and the background's PSNR against the reference.
 """
 import argparse
+import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,46 +27,54 @@ import train as T
 from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, byte_vocab
 from model import UNet, UNetConfig
 from data import tqdm, write_video
-from sample import Pipeline, alphas_cumprod, animate, encode_prompt, save_pipeline
+from sample import Pipeline, alphas_cumprod, animate, encode_prompt, load_pipeline, save_pipeline
 from vae import VAE, VAEConfig
 
 # ----------------------------------------------------------------------------- demo settings
 SIZE, FRAMES, FPS = 64, 16, 8
-PROMPT = "a disc jumps to the right"
-N_CLIPS, N_REFS, POOL = 16, 6, 1024  # training clips (FLASH: <= 16), held-out references, pretraining frames
-ALL = dict(hue=(0.0, 1.0), bg_hue=(0.0, 1.0), x=(0.1, 0.9), y=(0.1, 0.9))  # pretraining: any look, anywhere
+PROMPT = "a shape jumps to the right"
+BASE = Path(__file__).resolve().parent / "demo_base"  # the shipped toy base (python demo.py pretrain writes it)
+N_CLIPS, N_REFS = 16, 6  # training clips (FLASH: <= 16), held-out references
 VAE_CFG = VAEConfig(block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=1)  # 64x64 -> 4x16x16
 LATENT_STD = 1.0  # latent std, as SD's 0.18215 gives
 TEXT_CFG = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2)
 UNET_CFG = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
                       norm_num_groups=8, down_attention=(False, True, True), motion_max_len=32)  # latents 16, 8, 4
-STEPS = dict(vae=200, unet=600, flash=900)  # full demo
-FAST = dict(vae=12, unet=12, flash=10)  # --fast: the test suite's smoke run
-LR = dict(vae=4e-4, unet=3e-3, flash=1e-3)  # flash 3e-3: the validation loss at t = 100 rose (measured)
-# FLASH favours large t (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)); the toy takes the strongest alpha. Why: layout and
-# motion are decided at large t, where the eps-MSE barely sees them (base model at t = 950: 0.0077); measured on
-# held-out references after 900 steps, mean error 10.75 px with alpha 1 vs 14.1 px with alpha 0.5 (floor 17.2)
-TIMESTEP_ALPHA = 1.0
-# Tuning notes (one-thread runs, held-out mean error in px, static floor 17.2): alpha 0.5 after 1000 / 2000 / 3000 steps
-# 14.5 / 15.4 / 8.2 (33 % perform at 3000; training clips 5.1); a (t/T)^2 bias 13.4 (750 steps) / 12.3 (1500); 8-frame
-# clips are 2x cheaper per step but not better per second (13.2 at 1800 steps); a radius-0.15 disc 13.3 (750); guidance
-# 1-7.5 and LAMP's shared noise 0.2-0.5 do not change the picture; with adain=False every frame takes a random colour.
-BATCH = dict(vae=16, unet=32)
+# pretraining (python demo.py pretrain): steps, learning rates, batches; the pools it draws from
+PRETRAIN = dict(vae=400, unet=1200, motion=1500)
+PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
+LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
+BATCH = dict(vae=16, unet=32, motion=4)
+POOL, MOTION_POOL = 1024, 768  # single frames (image stages), generic-motion clips (motion stage)
+# FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
+# (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
+# large t, where the eps-MSE barely sees them (README, "Embedded demo")
+FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0)
+FLASH_FAST = dict(steps=4, lr=1e-3, timestep_alpha=1.0)
+VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
+    "#1": ("no_aug", "no strong augmentation", dict(strong_aug=False, motion_align=False, corr_align=False)),
+    "#2": ("no_align", "strong augmentation only", dict(strong_aug=True, motion_align=False, corr_align=False)),
+    "#5": ("flash", "full FLASH (aug + motion + corr align)", dict(strong_aug=True, motion_align=True, corr_align=True)),
+}
 SAMPLING = dict(steps=25, guidance=7.5, adain="lamp")  # sample.py's defaults (FLASH A3.2)
-THREADS = 2  # idle 2-core CPU: 0.24 s per FLASH step with two threads, 0.42 s with one (measured)
+THREADS = 2  # idle 2-core CPU: two threads are fastest; one per process when two runs share the machine
 
-
-# ----------------------------------------------------------------------------- the toy action
-# synthetic demo action: a disc jumps up and lands further right (an arc), on a plain or two-tone background.
-# Training clips and test references draw appearance and start position from DISJOINT ranges:
-#   object hue: train [0.00,0.12] (red/orange)  refs [0.30,0.45] (green)
-#   background hue: train [0.55,0.70] (blue)    refs [0.75,0.92] (purple)
-#   start x / size: train [0.12,0.28]           refs [0.34,0.44]      (start y / size [0.62,0.76] for both)
-DEMO_TRAIN = dict(hue=(0.0, 0.12), bg_hue=(0.55, 0.70), x=(0.12, 0.28), y=(0.62, 0.76))
-DEMO_REF = dict(hue=(0.30, 0.45), bg_hue=(0.75, 0.92), x=(0.34, 0.44), y=(0.62, 0.76))
+# ----------------------------------------------------------------------------- the toy world
+# Shapes of equal area on a plain or two-tone background. The target action: the shape jumps up and lands further
+# right (an arc). Training clips and test references draw from DISJOINT ranges; pretraining draws from all of them.
+#   shape: train disc                  refs square, diamond
+#   object hue: train [0.00,0.12]      refs [0.30,0.45]      (red/orange vs green)
+#   background hue: train [0.55,0.70]  refs [0.75,0.92]      (blue vs purple)
+#   start x / size: train [0.12,0.28]  refs [0.34,0.44]      (start y / size [0.62,0.76] for both)
+SHAPES = ("disc", "square", "diamond")
+ALL = dict(shapes=SHAPES, hue=(0.0, 1.0), bg_hue=(0.0, 1.0), x=(0.14, 0.86), y=(0.14, 0.86))
+DEMO_TRAIN = dict(shapes=("disc",), hue=(0.0, 0.12), bg_hue=(0.55, 0.70), x=(0.12, 0.28), y=(0.62, 0.76))
+DEMO_REF = dict(shapes=("square", "diamond"), hue=(0.30, 0.45), bg_hue=(0.75, 0.92), x=(0.34, 0.44), y=(0.62, 0.76))
 DEMO_RADIUS, DEMO_DX, DEMO_JUMP = 0.1, 0.3, 0.3  # fractions of the frame size
 DISP, JUMP = DEMO_DX * SIZE, DEMO_JUMP * SIZE  # the trained motion: 19.2 px right, 19.2 px up and down
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1), "up and right": (1, -1),
+              "up and left": (-1, -1), "down and right": (1, 1), "down and left": (-1, 1)}  # image y points down
 
 
 def demo_trajectory(start, frames=16, size=64):
@@ -71,38 +84,84 @@ def demo_trajectory(start, frames=16, size=64):
     return torch.stack([x0 + DEMO_DX * size * u, y0 - DEMO_JUMP * size * torch.sin(math.pi * u)], -1)
 
 
+def generic_motion(g, frames=16, size=64):
+    """pretraining motion -> (path (F,2) from (0, 0) in px, caption tail): a line in one of 8 directions, a zig-zag
+    along one, a full circle either way, or still; distances 15-45 % of the frame. Never the target's arc."""
+    u, r = torch.linspace(0, 1, frames), lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))
+    kind = ["moves", "moves", "zigzags", "circles", "stays still"][int(torch.randint(5, (), generator=g))]
+    if kind == "stays still":
+        return torch.zeros(frames, 2), kind
+    if kind == "circles":
+        radius, a0 = r(0.1, 0.2) * size, r(0, 2 * math.pi)
+        turn = 1 if torch.rand((), generator=g) < 0.5 else -1  # +1: clockwise on screen (y down)
+        a = a0 + turn * 2 * math.pi * u
+        path = radius * torch.stack([a.cos() - math.cos(a0), a.sin() - math.sin(a0)], -1)
+        return path, f"circles {'clockwise' if turn == 1 else 'anticlockwise'}"
+    name = list(DIRECTIONS)[int(torch.randint(len(DIRECTIONS), (), generator=g))]
+    d = torch.tensor(DIRECTIONS[name], dtype=torch.float32)
+    d = d / d.norm()
+    path = u[:, None] * r(0.15, 0.45) * size * d
+    if kind == "zigzags":  # a triangle wave across the direction, two periods
+        wave = 2 / math.pi * torch.asin(torch.sin(4 * math.pi * u))
+        path = path + r(0.05, 0.1) * size * wave[:, None] * torch.stack([-d[1], d[0]])
+    return path, f"{kind} {name}"
+
+
 def _hsv(h, s, v):
     return data.hsv_to_rgb(torch.tensor([h, s, v]).view(3, 1, 1)).view(3)
 
 
-def _demo_sample(g, r, frames, size):
+def draw_look(g, ranges):
+    """a random appearance from `ranges` (DEMO_TRAIN, DEMO_REF, ALL): shape, object colour, background, start"""
     u = lambda lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * float(torch.rand((), generator=g))
-    obj = _hsv(u(r["hue"]), u((0.7, 0.9)), u((0.85, 1.0)))
-    hb, sb, vb = u(r["bg_hue"]), u((0.2, 0.5)), u((0.15, 0.35))
+    shape = ranges["shapes"][int(torch.randint(len(ranges["shapes"]), (), generator=g))]
+    obj = _hsv(u(ranges["hue"]), u((0.7, 0.9)), u((0.85, 1.0)))
+    hb, sb, vb = u(ranges["bg_hue"]), u((0.2, 0.5)), u((0.15, 0.35))
     bg1 = _hsv(hb, sb, vb)
-    bg2 = _hsv(hb, sb, vb + u((0.05, 0.1))) if float(torch.rand((), generator=g)) < 0.5 else bg1  # two-tone: a lighter band
-    split = round(u((0.3, 0.7)) * size)
-    start = torch.tensor([u(r["x"]) * size, u(r["y"]) * size])
-    traj = demo_trajectory(start, frames, size)
+    bg2 = _hsv(hb, sb, vb + u((0.05, 0.1))) if float(torch.rand((), generator=g)) < 0.5 else bg1  # a lighter band
+    start = torch.tensor([u(ranges["x"]) * 64, u(ranges["y"]) * 64]) / 64
+    return dict(shape=shape, obj=obj, bg1=bg1, bg2=bg2, split=u((0.3, 0.7)), start=start)
+
+
+def render(look, traj, size=64):
+    """look + centroids (F,2) in px -> (F,3,size,size) in [-1,1]; the shapes have the disc's area"""
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    bg = torch.where(yy < split, bg1.view(3, 1, 1), bg2.view(3, 1, 1))  # 3 S S
-    dist = ((xx - traj[:, 0, None, None]) ** 2 + (yy - traj[:, 1, None, None]) ** 2).sqrt()  # F S S
-    a = (DEMO_RADIUS * size + 0.5 - dist).clamp(0, 1).unsqueeze(1)  # antialiased disc coverage, F 1 S S
-    return (bg * (1 - a) + obj.view(3, 1, 1) * a) * 2 - 1, traj
+    bg = torch.where(yy < round(look["split"] * size), look["bg1"].view(3, 1, 1), look["bg2"].view(3, 1, 1))  # 3 S S
+    dx, dy = (xx - traj[:, 0, None, None]).abs(), (yy - traj[:, 1, None, None]).abs()  # F S S
+    dist = {"disc": (dx ** 2 + dy ** 2).sqrt(), "square": torch.maximum(dx, dy) / math.sqrt(math.pi / 4),
+            "diamond": (dx + dy) / math.sqrt(math.pi / 2)}[look["shape"]]
+    a = (DEMO_RADIUS * size + 0.5 - dist).clamp(0, 1).unsqueeze(1)  # antialiased coverage, F 1 S S
+    return (bg * (1 - a) + look["obj"].view(3, 1, 1) * a) * 2 - 1
 
 
 def make_demo_clips(n, frames=16, size=64, seed=0):
-    """-> (clips: list of (F,3,size,size) in [-1,1], trajectories: list of (F,2) ground-truth centroids)"""
-    g = torch.Generator().manual_seed(seed)
-    out = [_demo_sample(g, DEMO_TRAIN, frames, size) for _ in range(n)]
-    return [c for c, _ in out], [t for _, t in out]
+    """the target action, training looks -> (clips: list of (F,3,size,size) in [-1,1], trajectories: list of (F,2))"""
+    g, clips, trajs = torch.Generator().manual_seed(seed), [], []
+    for _ in range(n):
+        look = draw_look(g, DEMO_TRAIN)
+        trajs.append(demo_trajectory(look["start"] * size, frames, size))
+        clips.append(render(look, trajs[-1], size))
+    return clips, trajs
 
 
 def make_demo_references(n, size=64, seed=1000):
     """-> (images: list of (3,size,size) in [-1,1], starts: list of (2,) (x, y) pixels), unseen appearances"""
     g = torch.Generator().manual_seed(seed)
-    out = [_demo_sample(g, DEMO_REF, 1, size) for _ in range(n)]
-    return [c[0] for c, _ in out], [t[0] for _, t in out]
+    looks = [draw_look(g, DEMO_REF) for _ in range(n)]
+    return [render(lk, lk["start"][None] * size, size)[0] for lk in looks], [lk["start"] * size for lk in looks]
+
+
+def make_generic_clips(n, frames=16, size=64, seed=0):
+    """pretraining text-to-video data: every look, generic motion -> (clips, captions "a <shape> <motion>")"""
+    g, clips, captions = torch.Generator().manual_seed(seed), [], []
+    for _ in range(n):
+        look = draw_look(g, ALL)
+        path, motion = generic_motion(g, frames, size)
+        lo = 0.14 * size - path.min(0).values  # place the whole path inside the frame
+        hi = 0.86 * size - path.max(0).values
+        clips.append(render(look, lo + (hi - lo).clamp(min=0) * torch.rand(2, generator=g) + path, size))
+        captions.append(f"a {look['shape']} {motion}")
+    return clips, captions
 
 
 def centroid_track(video, background=None, threshold=0.5):
@@ -127,24 +186,40 @@ def centroid_track(video, background=None, threshold=0.5):
 # ----------------------------------------------------------------------------- scoring
 
 def score(video, start):
-    """video (F,3,H,W) in [-1,1] -> errors in px of the disc's centroid track against demo_trajectory(start).
-    A frame where no disc is found counts as an error of the frame size. Performs the motion: endpoint error below
-    a third of the displacement and jump height within a third of the true one."""
+    """video (F,3,H,W) in [-1,1] -> errors in px of the object's centroid track against demo_trajectory(start).
+    A frame where no object is found counts as an error of the frame size. Performs the motion: endpoint error below
+    a third of the displacement and jump height within a third of the true one. jitter: the mean length of the
+    track's second differences beyond the true motion's (0 for a track that follows any smooth offset)."""
+    size = float(video.shape[-1])
     gt = demo_trajectory(start, len(video), video.shape[-1])
     track = centroid_track(video)
-    err = (track - gt).norm(dim=-1).nan_to_num(float(video.shape[-1]))[1:]  # frames 2..F
+    err = (track - gt).norm(dim=-1).nan_to_num(size)[1:]  # frames 2..F; a lost object: off by the frame size
+    dev = (track - gt).nan_to_num(size)
     ys = track[:, 1][~track[:, 1].isnan()]
     peak = (track[0, 1] - ys.min()).item() if len(ys) else 0.0
     peak_err = abs(peak - (gt[0, 1] - gt[:, 1].min()).item())
-    return dict(mean_err=err.mean().item(), end_err=err[-1].item(), peak_err=peak_err,
+    jitter = (dev[2:] - 2 * dev[1:-1] + dev[:-2]).norm(dim=-1).mean().item()
+    return dict(mean_err=err.mean().item(), end_err=err[-1].item(), peak_err=peak_err, jitter=jitter,
                 performs=bool(err[-1] < DISP / 3 and peak_err < JUMP / 3))
 
 
+def background_psnr(video, reference, start):
+    """PSNR (dB, [-1,1] range) over frames 2..F of the pixels that stay background all along (farther than 2
+    object radii from every true centroid) against the reference: how well the look is kept"""
+    size = video.shape[-1]
+    traj = demo_trajectory(start, len(video), size)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    dist = ((xx - traj[:, 0, None, None]) ** 2 + (yy - traj[:, 1, None, None]) ** 2).sqrt().amin(0)
+    keep = dist > 2 * DEMO_RADIUS * size  # H W
+    mse = (video[1:].float() - reference.float()[None]).square()[:, :, keep].mean().item()
+    return 10 * math.log10(4 / max(mse, 1e-10))
+
+
 def summary(scores):
-    return dict(mean_err=float(np.mean([s["mean_err"] for s in scores])),
-                end_err=float(np.mean([s["end_err"] for s in scores])),
-                peak_err=float(np.mean([s["peak_err"] for s in scores])),
-                performs=float(np.mean([s["performs"] for s in scores])), per_reference=scores)
+    """per-reference rows -> their means (performs: the share), and the rows themselves"""
+    keys = [k for k in scores[0] if k != "performs"]
+    return {**{k: float(np.mean([s[k] for s in scores])) for k in keys},
+            "performs": float(np.mean([s["performs"] for s in scores])), "per_reference": scores}
 
 
 def to_tensor(frames):  # uint8 (F,H,W,3) -> (F,3,H,W) in [-1,1]
@@ -156,7 +231,7 @@ def contact_sheet(videos, path):
     Image.fromarray(np.concatenate([np.concatenate(list(v), axis=1) for v in videos], axis=0)).save(path)
 
 
-# ----------------------------------------------------------------------------- the "pretrained" base model
+# ----------------------------------------------------------------------------- the pretrained base (SD + AnimateDiff)
 
 def cosine_lr(opt, lr, step, steps):
     for group in opt.param_groups:
@@ -228,48 +303,118 @@ def pretrain_vae(frames, steps, gen, dev):
     return vae.eval().requires_grad_(False), losses
 
 
-def pretrain_unet(latents, ctx, steps, gen, dev):
-    """SD's role: an image U-Net (no motion modules) learns eps-prediction on single frames, caption dropped 10 %
-    (so classifier-free guidance has an unconditional branch); then the motion modules are inserted (AnimateDiff)."""
-    image_unet = UNet(replace(UNET_CFG, motion_modules=False)).to(dev)
-    opt = torch.optim.AdamW(image_unet.parameters(), lr=LR["unet"], weight_decay=0.0)
-    acp, losses = alphas_cumprod().to(dev), []
-    for i in tqdm(range(steps), desc="pretrain U-Net"):
-        cosine_lr(opt, LR["unet"], i, steps)
-        z0 = latents[torch.randint(len(latents), (BATCH["unet"],), generator=gen)].to(dev)[:, :, None]  # B 4 1 h w
-        t = torch.randint(len(acp), (len(z0),), generator=gen).to(dev)
-        noise = torch.randn(z0.shape, generator=gen).to(dev)
-        a = acp[t].view(-1, 1, 1, 1, 1)
-        drop = (torch.rand(len(z0), generator=gen) < 0.1).to(dev).view(-1, 1, 1)
-        loss = F.mse_loss(image_unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, torch.where(drop, ctx[0], ctx[1])),
-                          noise)
+def diffusion_loss(unet, z0, ctx, acp, gen):
+    """eps-MSE with every frame noised at one uniform t per sample (SD, and AnimateDiff's motion training)"""
+    t = torch.randint(len(acp), (len(z0),), generator=gen).to(z0.device)
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    a = acp[t].view(-1, 1, 1, 1, 1)
+    return F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx), noise)
+
+
+def pretrain(unet, params, latents, labels, ctx, steps, stage, gen):
+    """one base stage: AdamW on `params`, batches of latents (N,4,F,h,w) with caption ids `labels` into ctx (ctx[0]
+    = the empty prompt, drawn 10 % of the time so classifier-free guidance has an unconditional branch)"""
+    opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.0)
+    acp, losses, dev = alphas_cumprod().to(latents.device), [], latents.device
+    unet.train()
+    for i in tqdm(range(steps), desc=f"pretrain {stage}"):
+        cosine_lr(opt, LR[stage], i, steps)
+        idx = torch.randint(len(latents), (BATCH[stage],), generator=gen)
+        drop = torch.rand(len(idx), generator=gen) < 0.1
+        loss = diffusion_loss(unet, latents[idx], ctx[torch.where(drop, 0, labels[idx]).to(dev)], acp, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    unet = UNet(UNET_CFG).to(dev)
-    missing, unexpected = unet.load_state_dict(image_unet.state_dict(), strict=False)
-    assert not unexpected and all("motion_modules." in k for k in missing)
     return unet.eval(), losses
 
 
-def zero_motion_modules(unet):
-    """AnimateDiff starts its motion modules as the identity: temporal_transformer.proj_out = 0."""
+def build_base(out, steps, seed=0, device="cpu", log=print):
+    """SD's part (VAE, text encoder, image U-Net on single frames of every look, captioned with the shape), then
+    AnimateDiff's (motion modules inserted as the identity, proj_out = 0, trained on generic-motion clips with the
+    image layers frozen and no FLASH cross-frame attention); writes the diffusers folder + motion module + build.json"""
+    t0, dev = time.time(), torch.device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    looks = [draw_look(g, ALL) for _ in range(POOL)]
+    pool = torch.cat([render(lk, lk["start"][None] * SIZE, SIZE) for lk in looks])  # single frames, every look
+    shapes = torch.tensor([1 + SHAPES.index(lk["shape"]) for lk in looks])  # caption ids: "a disc", ...
+    pool[::2] = torch.cat([data.strong_augment(f[None], gen) for f in pool[::2]])  # the looks FLASH's aug makes
+    vae, vae_losses = pretrain_vae(pool, steps["vae"], gen, dev)
+    log(f"VAE: loss {np.mean(vae_losses[:5]):.4f} -> {np.mean(vae_losses[-5:]):.4f} "
+        f"({time.time() - t0:.0f}s), latent scale {vae.config.scaling_factor:.3f}")
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(TEXT_CFG).to(dev).eval().requires_grad_(False)  # random and frozen
+    pipe = Pipeline(None, vae, text_encoder, Tokenizer(*byte_vocab()), dev, torch.float32, {"motion_version": "v2"})
+    clips, captions = make_generic_clips(MOTION_POOL, FRAMES, SIZE, seed=seed + 2)
+    names = sorted(set(captions))
+    ctx = encode_prompt(pipe, ["", *[f"a {s}" for s in SHAPES], *names])  # 0: "", 1-3: shapes, then motions
+    with torch.no_grad():
+        frames = vae.encode(pool.to(dev), chunk=64)[:, :, None]  # N 4 1 h w
+        clip_lat = torch.stack([vae.encode(c.to(dev), chunk=64).transpose(0, 1) for c in clips])  # N 4 F h w
+
+    image_unet = UNet(replace(UNET_CFG, motion_modules=False)).to(dev)
+    image_unet, unet_losses = pretrain(image_unet, image_unet.parameters(), frames, shapes, ctx, steps["unet"],
+                                       "unet", gen)
+    log(f"image U-Net: loss {np.mean(unet_losses[:5]):.4f} -> {np.mean(unet_losses[-5:]):.4f} "
+        f"({time.time() - t0:.0f}s)")
+
+    unet = UNet(UNET_CFG).to(dev)
+    missing, unexpected = unet.load_state_dict(image_unet.state_dict(), strict=False)
+    assert not unexpected and all("motion_modules." in k for k in missing)
     for name, p in unet.named_parameters():
         if "temporal_transformer.proj_out." in name:
-            torch.nn.init.zeros_(p)
+            torch.nn.init.zeros_(p)  # AnimateDiff: a new motion module starts as the identity
+    unet.requires_grad_(False)
+    params = [p.requires_grad_(True) for n, p in unet.named_parameters() if "motion_modules." in n]
+    for attn in T.cross_frame_layers(unet):
+        attn.cross_frame = False  # AnimateDiff's U-Net: plain self-attention (FLASH adds the first frame's k, v)
+    labels = torch.tensor([1 + len(SHAPES) + names.index(c) for c in captions])
+    unet, motion_losses = pretrain(unet, params, clip_lat, labels, ctx, steps["motion"], "motion", gen)
+    for attn in T.cross_frame_layers(unet):
+        attn.cross_frame = True
+    pipe.unet = unet.requires_grad_(False)
+    log(f"motion module: loss {np.mean(motion_losses[:20]):.4f} -> {np.mean(motion_losses[-20:]):.4f} "
+        f"({time.time() - t0:.0f}s)")
+
+    out = Path(out)
+    save_pipeline(pipe, out)
+    files = {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "build.json"}
+    first_last = lambda v, k: [round(float(np.mean(v[:k])), 5), round(float(np.mean(v[-k:])), 5)]
+    build = dict(seconds=round(time.time() - t0, 1), seed=seed, threads=torch.get_num_threads(), steps=steps,
+                 lr=LR, batch=BATCH, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
+                 losses=dict(vae=first_last(vae_losses, 5), unet=first_last(unet_losses, 5),
+                             motion=first_last(motion_losses, 20)),
+                 bytes=sum(p.stat().st_size for p in files.values()),
+                 sha256={k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in files.items()})
+    (out / "build.json").write_text(json.dumps(build, indent=2))
+    log(f"base written to {out}/ ({build['bytes'] / 2**20:.2f} MiB, {build['seconds']:.0f}s)")
+    return dict(build=build, vae_losses=vae_losses, unet_losses=unet_losses, motion_losses=motion_losses)
+
+
+def check_base(base):
+    if not (Path(base) / "build.json").is_file():
+        raise FileNotFoundError(f"no toy base in {base}/: build it with `python demo.py pretrain --out {base}`")
+
+
+def load_base(base, device):
+    """the toy base through sample.py's loader (strict), exactly as SD-1.5 + mm_sd_v15_v2 would load"""
+    check_base(base)
+    return load_pipeline(base, Path(base) / "motion_module.safetensors", device=device, dtype="fp32", verbose=False)
 
 
 # ----------------------------------------------------------------------------- FLASH stage + evaluation
 
-def flash_args(args, out, steps, align):
-    """train.py's arguments for the demo's FLASH stage; align=False is Table 2's variant #2 (strong aug only)."""
+def flash_args(base, out, flash, seed, device, **switches):
+    """train.py's arguments for the demo's FLASH stage on top of `base`; switches: a VARIANTS entry"""
     a = T.get_parser().parse_args([])
-    vars(a).update(stage="unet", steps=steps, lr=LR["flash"], frames=FRAMES, height=SIZE, width=SIZE, seed=args.seed,
-                   device=args.device, dtype="fp32", out=str(out), gradient_checkpointing=False, save_every=steps,
-                   keep=1, log_every=max(1, steps // 6), prompt=PROMPT, flip=False, motion_align=align,
-                   corr_align=align, timestep_alpha=TIMESTEP_ALPHA, base=str(out.parent / "pipeline"),
-                   motion_module=str(out.parent / "pipeline" / "motion_module.safetensors"))
+    vars(a).update(stage="unet", steps=flash["steps"], lr=flash["lr"], timestep_alpha=flash["timestep_alpha"],
+                   frames=FRAMES, stride=1, height=SIZE, width=SIZE, seed=seed, device=str(device), dtype="fp32",
+                   out=str(out), gradient_checkpointing=False, save_every=flash["steps"], keep=1,
+                   log_every=max(1, flash["steps"] // 6), prompt=PROMPT, flip=False,  # the action goes right
+                   base=str(base), motion_module=str(Path(base) / "motion_module.safetensors"), **switches)
     return a
 
 
@@ -289,7 +434,8 @@ def val_loss(pipe, videos, ctx, n=4, ts=(250, 500, 750)):
 
 
 def evaluate(pipe, refs, starts, seed, out, steps):
-    """animate every reference with sample.py's code path, save GIF + MP4, score each video and its static floor"""
+    """animate every reference with sample.py's code path, save GIF + MP4, score each video (and the static floor:
+    the reference repeated) -> (videos, summary, static summary)"""
     out.mkdir(parents=True, exist_ok=True)
     videos, scores, static = [], [], []
     for i in tqdm(range(len(refs)), desc="animate"):
@@ -299,110 +445,141 @@ def evaluate(pipe, refs, starts, seed, out, steps):
         write_video(v, out / f"ref{i}.mp4", FPS)
         x = to_tensor(v)
         videos.append(v)
-        scores.append(score(x, starts[i]))
-        static.append(score(x[:1].expand_as(x), starts[i]))  # floor: frame 1 repeated
+        scores.append({**score(x, starts[i]), "bg_psnr": background_psnr(x, refs[i], starts[i])})
+        static.append(score(x[:1].expand_as(x), starts[i]))
     return videos, summary(scores), summary(static)
 
 
-def run(args):
+def run(args, seed, variants, out, log):
+    """one seed: the base's own animation, then each variant's FLASH stage from the same base, same references"""
     t_start = time.time()
-    log = lambda msg: print(f"[demo {time.time() - t_start:6.1f}s] {msg}", flush=True)
-    torch.set_num_threads(THREADS)
-    steps = FAST if args.fast else STEPS
+    flash = FLASH_FAST if args.fast else FLASH
     n_refs, sample_steps = (2, 4) if args.fast else (N_REFS, SAMPLING["steps"])
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    log(f"FLASH toy demo: seed {args.seed}, device {dev}, {torch.get_num_threads()} thread(s), output {out}/")
-
-    # data: generated clips of the action (restricted looks) and held-out references (unseen looks)
-    clips, _ = make_demo_clips(N_CLIPS, FRAMES, SIZE, seed=args.seed)
-    refs, starts = make_demo_references(n_refs, SIZE, seed=1000 + args.seed)
+    torch.manual_seed(seed)
+    pipe = load_base(args.base, args.device)
+    clips, _ = make_demo_clips(N_CLIPS, FRAMES, SIZE, seed=seed)
+    refs, starts = make_demo_references(n_refs, SIZE, seed=1000 + seed)
     videos = [data.Video(f"demo/clip_{i:02d}", data.to_uint8(c), float(FPS), PROMPT) for i, c in enumerate(clips)]
-    pool = torch.cat([_demo_sample(gen, ALL, 1, SIZE)[0] for _ in range(POOL)])
-    pool[::2] = torch.cat([data.strong_augment(f[None], gen) for f in pool[::2]])  # the looks FLASH's aug makes
-    log(f"data: {N_CLIPS} clips {FRAMES}x{SIZE}x{SIZE} '{PROMPT}', {n_refs} held-out references, {POOL} frames")
-
-    # (1) the base model FLASH starts from
-    tok = Tokenizer(*byte_vocab())
-    text_encoder = CLIPTextModel(TEXT_CFG).to(dev).eval().requires_grad_(False)
-    vae, vae_losses = pretrain_vae(pool, steps["vae"], gen, dev)
-    log(f"VAE: loss {np.mean(vae_losses[:5]):.4f} -> {np.mean(vae_losses[-5:]):.4f}, "
-        f"latent scale {vae.config.scaling_factor:.3f}")
-    pipe = Pipeline(None, vae, text_encoder, tok, dev, torch.float32, {"motion_version": "v2"})
-    ctx = encode_prompt(pipe, ["", PROMPT])
-    with torch.no_grad():
-        latents = vae.encode(pool.to(dev), chunk=64)
-    pipe.unet, unet_losses = pretrain_unet(latents, ctx, steps["unet"], gen, dev)
-    log(f"image U-Net: loss {np.mean(unet_losses[:5]):.4f} -> {np.mean(unet_losses[-5:]):.4f}")
-    zero_motion_modules(pipe.unet)
-    save_pipeline(pipe, out / "pipeline")
+    Image.fromarray(data.to_uint8(refs[0][None])[0]).save(out / "reference.png")
+    log(f"seed {seed}: {N_CLIPS} clips of '{PROMPT}' (red/orange discs on blue), {n_refs} held-out references "
+        f"(green squares and diamonds on purple, further right), base {args.base}")
+    ctx = encode_prompt(pipe, [PROMPT])
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    ref_png = out / "reference.png"
-    Image.fromarray(data.to_uint8(refs[0][None])[0]).save(ref_png)
-
-    # (2) FLASH, and (3) animation of the held-out references; the ablation re-trains from the same base
-    embeds = [ctx[1:].cpu()] * len(videos)
-    variants = [("flash", True)] + ([("ablation", False)] if args.ablation else [])
-    results, val = {}, {"before": val_loss(pipe, videos, ctx[1:])}
-    for name, align in variants:
+    results = {}
+    base_videos, results["base"], results["static"] = evaluate(pipe, refs, starts, seed, out / "base", sample_steps)
+    val, walls, sheets = {"base": val_loss(pipe, videos, ctx)}, {}, [data.to_uint8(clips[0]), *base_videos]
+    for key in variants:
+        name, label, switches = VARIANTS[key]
+        t0 = time.time()
         pipe.unet.load_state_dict(base_state)
-        targs = flash_args(args, out / name, steps["flash"], align)
-        log(f"FLASH stage ({'strong aug + motion align + corr align' if align else 'strong aug only, no alignment'})")
-        history = T.train(targs, pipe, videos, embeds, log=log)
-        pipe.unet.eval()
-        val[name] = val_loss(pipe, videos, ctx[1:])
-        if name == "flash":
-            flash_history, flash_state = history, {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-        log(f"{name}: validation loss (4 training clips, t = 250/500/750) {val['before']:.4f} -> {val[name]:.4f}")
-        gen_videos, scores, static = evaluate(pipe, refs, starts, args.seed, out / name, sample_steps)
-        contact_sheet([data.to_uint8(clips[0])] + gen_videos, out / f"{name}_contact_sheet.png")
-        results[name], results["static"] = scores, static
-        log(f"{name}: animated {len(refs)} references -> {out / name}/ref*.gif|mp4, {name}_contact_sheet.png "
-            f"(top row: a training clip)")
-
-    # report
-    rows = [("FLASH", "flash"), ("no alignment (#2)", "ablation"), ("static floor", "static")]
-    print(f"\nmotion score on {n_refs} held-out references (px; disc moves {DISP:.1f} px right, jumps {JUMP:.1f} px)")
-    print(f"{'':20s}{'mean err':>10s}{'end err':>10s}{'peak err':>10s}{'performs':>10s}")
-    for label, key in rows:
-        if key in results:
-            r = results[key]
-            print(f"{label:20s}{r['mean_err']:10.2f}{r['end_err']:10.2f}{r['peak_err']:10.2f}{r['performs']:10.0%}")
-    wall = time.time() - t_start
-    report = dict(seed=args.seed, wall_s=round(wall, 1), prompt=PROMPT, steps=steps, sampling=SAMPLING,
-                  timestep_alpha=TIMESTEP_ALPHA, n_clips=N_CLIPS, n_refs=n_refs,
+        log(f"{key} {label}: FLASH stage, {flash['steps']} steps")
+        T.train(flash_args(args.base, out / name, flash, seed, args.device, **switches), pipe, videos,
+                [ctx.cpu()] * len(videos), log=log)
+        val[key] = val_loss(pipe, videos, ctx)
+        gen_videos, results[key], _ = evaluate(pipe, refs, starts, seed, out / name, sample_steps)
+        contact_sheet([data.to_uint8(clips[0]), *gen_videos], out / f"{name}_contact_sheet.png")
+        sheets += gen_videos
+        walls[key] = round(time.time() - t0, 1)
+        r = results[key]
+        log(f"{key}: validation loss {val['base']:.4f} -> {val[key]:.4f}; mean err {r['mean_err']:.2f} px, "
+            f"performs {r['performs']:.0%}; videos in {out / name}/, {name}_contact_sheet.png ({walls[key]:.0f}s)")
+    report = dict(seed=seed, wall_s=round(time.time() - t_start, 1), variant_wall_s=walls, prompt=PROMPT,
+                  flash=flash, sampling={**SAMPLING, "steps": sample_steps}, n_clips=N_CLIPS, n_refs=n_refs,
                   motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
-                  performs_rule="end_err < dx/3 and |peak - jump| < jump/3", validation_loss=val, **results)
+                  performs_rule="end_err < dx/3 and |peak - jump| < jump/3", validation_loss=val,
+                  variants={k: VARIANTS[k][1] for k in variants}, **results)
     (out / "scores.json").write_text(json.dumps(report, indent=2))
-    adain = "" if SAMPLING["adain"] else " --no-adain"
-    log(f"done in {wall:.0f}s: {out}/scores.json. Animate your own image with the demo model:\n"
-        f"python sample.py --base {out}/pipeline --motion-module {out}/pipeline/motion_module.safetensors "
-        f"--checkpoint {out}/flash --image {ref_png} --guidance {SAMPLING['guidance']}{adain} --seed 0 "
-        f"--out {out}/cli_sample.mp4")
-    pipe.unet.load_state_dict(flash_state)  # the FLASH model (what out/pipeline + out/flash hold)
-    return dict(report=report, vae_losses=vae_losses, unet_losses=unet_losses, flash_history=flash_history,
-                flash_val_loss=dict(before=val["before"], after=val["flash"]), pipe=pipe, out=out)
+    return report, pipe
+
+
+ROWS = [("#5", "FLASH (#5)"), ("#2", "strong aug only (#2)"), ("#1", "no strong aug (#1)"),
+        ("base", "base, no FLASH"), ("static", "static floor")]
+
+
+def print_table(reports):
+    """mean ± spread (half the range) over the seeds' reports"""
+    seeds = [r["seed"] for r in reports]
+    n = len(reports[0]["static"]["per_reference"])
+    print(f"\n{n} held-out references x seeds {seeds} (px; the object moves {DISP:.1f} px right, jumps {JUMP:.1f} px;"
+          f" background PSNR in dB)")
+    cols = ["mean_err", "end_err", "peak_err", "jitter", "performs", "bg_psnr"]
+    print(f"{'':22s}" + "".join(f"{c:>15s}" for c in cols))
+    table = {}
+    for key, label in ROWS:
+        if key not in reports[0]:
+            continue
+        row = {}
+        for c in cols:
+            v = [float(r[key][c]) for r in reports if c in r[key]]
+            if v:
+                row[c] = dict(mean=float(np.mean(v)), spread=float(np.ptp(v) / 2), per_seed=v)
+        table[key] = row
+        cell = lambda c: (f"{row[c]['mean']:>9.2f} ±{row[c]['spread']:4.2f}" if c in row else f"{'-':>15s}")
+        print(f"{label:22s}" + "".join(cell(c) for c in cols))
+    return table
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FLASH toy demo on a CPU: learn a toy action from 16 generated clips, "
-                                            "animate held-out references, score the motion.")
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["pretrain"]:
+        return pretrain_main(raw[1:])
+    p = argparse.ArgumentParser(description="FLASH toy demo on a CPU: few-shot FLASH on top of a toy SD + AnimateDiff "
+                                            "base (demo_base/), held-out references animated and scored. "
+                                            "`python demo.py pretrain` rebuilds the base.")
     p.add_argument("--fast", action="store_true", help="a few steps of everything (the test suite's smoke run)")
-    p.add_argument("--ablation", action="store_true", help="also train without motion alignment and compare")
+    p.add_argument("--ablation", action="store_true", help="Table 2: variants #1, #2, #5 per seed (default seeds 0 1 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run each (default: --seed; 0 1 2 with "
+                                                       "--ablation)")
+    p.add_argument("--base", default=str(BASE), help="toy base folder (default: the shipped demo_base/)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--long", action="store_true", help="then measure 64-frame videos and loops (sample.py --long)")
-    args = p.parse_args(argv)
-    result = run(args)
+    args = p.parse_args(raw)
+    check_base(args.base)  # before anything is written
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    log = lambda msg: print(f"[demo {time.time() - t_start:6.1f}s] {msg}", flush=True)
+    seeds = args.seeds or ([0, 1, 2] if args.ablation else [args.seed])
+    variants = ["#1", "#2", "#5"] if args.ablation else ["#5"]
+    log(f"FLASH toy demo: seeds {seeds}, variants {variants}, {torch.get_num_threads()} thread(s), output {args.out}/")
+    reports = []
+    for seed in seeds:
+        out = Path(args.out) / (f"seed{seed}" if len(seeds) > 1 else "")
+        report, pipe = run(args, seed, variants, out, log)
+        reports.append(report)
+    table = print_table(reports)
+    wall = time.time() - t_start
+    if args.ablation:
+        (Path(args.out) / "ablation.json").write_text(json.dumps(dict(seeds=seeds, wall_s=round(wall, 1), table=table,
+                                                                       runs=reports), indent=2))
+    last = Path(args.out) / (f"seed{seeds[-1]}" if len(seeds) > 1 else "")
+    log(f"done in {wall:.0f}s: {last}/scores.json. Animate your own image with the demo model:\n"
+        f"python sample.py --base {args.base} --motion-module {args.base}/motion_module.safetensors "
+        f"--checkpoint {last}/flash --image {last}/reference.png --seed 0 --out {last}/cli_sample.mp4")
+    result = dict(report=reports[-1], reports=reports, table=table, pipe=pipe, out=last, wall_s=wall)
     if args.long:
-        refs, starts = make_demo_references(2 if args.fast else N_REFS, SIZE, seed=1000 + args.seed)
-        result["long"] = measure_long(result["pipe"], refs, starts, result["out"], *((20, 2) if args.fast else ()),
-                                      seed=args.seed)
+        refs, starts = make_demo_references(2 if args.fast else N_REFS, SIZE, seed=1000 + seeds[-1])
+        result["long"] = measure_long(pipe, refs, starts, last, *((20, 2) if args.fast else ()), seed=seeds[-1])
     return result
+
+
+def pretrain_main(argv):
+    p = argparse.ArgumentParser(prog="demo.py pretrain", description="build the toy base (SD-1.5 + AnimateDiff "
+                                "layouts) the demo starts from")
+    p.add_argument("--fast", action="store_true", help="a few steps of each stage (the test suite's smoke run)")
+    p.add_argument("--out", default=str(BASE))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=THREADS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    log = lambda msg: print(f"[pretrain {time.time() - t0:6.1f}s] {msg}", flush=True)
+    return build_base(args.out, PRETRAIN_FAST if args.fast else PRETRAIN, args.seed, args.device, log)
+
 
 
 # ----------------------------------------------------------------------------- longer and looping videos
@@ -477,4 +654,9 @@ def measure_long(pipe, refs, starts, out, frames=64, steps=None, seed=0):
 
 
 if __name__ == "__main__":
-    main()
+    data.plain_warnings()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing or broken base, an unwritable --out: one line
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)

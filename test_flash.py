@@ -4,6 +4,7 @@ vocabulary is used when ../shared/data/bpe_simple_vocab_16e6.txt.gz is present. 
 Run: python -m pytest -q test_flash.py   (or: python test_flash.py)
 """
 import colorsys
+import hashlib
 import json
 import math
 import os
@@ -430,7 +431,7 @@ def train_argv(tiny, out, *extra):
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    return demo.main(["--fast", "--device", "cpu", "--out", str(out)])
+    return demo.main(["--fast", "--ablation", "--seeds", "0", "--device", "cpu", "--threads", "1", "--out", str(out)])
 
 
 # ====================================================================================================
@@ -1562,44 +1563,6 @@ class TestData:
         close((out - ramps)[inner], d[inner], tol=1e-4)  # bilinear on a linear ramp: output - input = d
         assert d.abs().amax() < 3
 
-    # ------------------------------------------------------------------------- demo data
-
-    def test_demo_clips(self):
-        clips, trajs = demo.make_demo_clips(6, frames=16, size=64, seed=0)
-        clips2, trajs2 = demo.make_demo_clips(6, frames=16, size=64, seed=0)
-        assert all(torch.equal(a, b) for a, b in zip(clips + trajs, clips2 + trajs2))
-        r = demo.DEMO_RADIUS * 64
-        for c, t in zip(clips, trajs):
-            assert c.shape == (16, 3, 64, 64) and c.min() >= -1 and c.max() <= 1 and t.shape == (16, 2)
-            assert torch.allclose(t, demo.demo_trajectory(t[0], 16, 64))
-            assert (t - r >= 0).all() and (t + r <= 64).all()  # object inside the frame
-            assert (t[:, 0].max() - t[:, 0].min() >= 15) and (t[:, 1].max() - t[:, 1].min() >= 15)
-            assert (demo.centroid_track(c) - t).abs().max() < 1.0
-        plate = clips[0][0].clone()  # explicit background image: the frame with the disc painted over
-        t0 = trajs[0][0].round().long()
-        plate[:, t0[1] - 8:t0[1] + 9, t0[0] - 8:t0[0] + 9] = plate[:, t0[1] - 8:t0[1] + 9, :1].mean(-1, keepdim=True)
-        assert (demo.centroid_track(clips[0], plate) - trajs[0]).abs().max() < 1.0
-        assert demo.centroid_track(plate[None], plate).isnan().all()  # no foreground -> NaN
-
-    def test_demo_references_unseen(self):
-        clips, trajs = demo.make_demo_clips(32, seed=0)
-        refs, starts = demo.make_demo_references(8, seed=1000)
-        assert all(torch.equal(a, b) for a, b in zip(refs, demo.make_demo_references(8, seed=1000)[0]))
-
-        def appearance(img, pos):  # (object hue, background hue, start x) measured from the image
-            hsv = data.rgb_to_hsv((img + 1) / 2)
-            x, y = pos.round().long().tolist()
-            return hsv[0, y, x].item(), hsv[0, 1, 1].item(), pos[0].item()
-
-        train = [appearance(c[0], t[0]) for c, t in zip(clips, trajs)]
-        test = [appearance(im, st) for im, st in zip(refs, starts)]
-        for k in range(3):
-            assert max(a[k] for a in train) < min(b[k] for b in test)  # disjoint: object hue, bg hue, start x
-        for im, st in zip(refs, starts):
-            assert im.shape == (3, 64, 64)
-            assert (demo.centroid_track(im[None])[0] - st).abs().max() < 1.0
-
-
 
 # ====================================================================================================
 class TestSample:
@@ -2324,16 +2287,83 @@ class TestBadInput:
 
 # ====================================================================================================
 class TestDemo:
-    """demo.py: the embedded demo"""
+    """demo.py: the toy world, the scorer, the shipped base and the demo run"""
+
+    # ------------------------------------------------------------------------- the toy world
+
+    def test_demo_clips(self):
+        clips, trajs = demo.make_demo_clips(6, frames=16, size=64, seed=0)
+        clips2, trajs2 = demo.make_demo_clips(6, frames=16, size=64, seed=0)
+        assert all(torch.equal(a, b) for a, b in zip(clips + trajs, clips2 + trajs2))
+        r = demo.DEMO_RADIUS * 64
+        for c, t in zip(clips, trajs):
+            assert c.shape == (16, 3, 64, 64) and c.min() >= -1 and c.max() <= 1 and t.shape == (16, 2)
+            assert torch.allclose(t, demo.demo_trajectory(t[0], 16, 64))
+            assert (t - r >= 0).all() and (t + r <= 64).all()  # object inside the frame
+            assert (t[:, 0].max() - t[:, 0].min() >= 15) and (t[:, 1].max() - t[:, 1].min() >= 15)
+            assert (demo.centroid_track(c) - t).abs().max() < 1.0
+        plate = clips[0][0].clone()  # explicit background image: the frame with the disc painted over
+        t0 = trajs[0][0].round().long()
+        plate[:, t0[1] - 8:t0[1] + 9, t0[0] - 8:t0[0] + 9] = plate[:, t0[1] - 8:t0[1] + 9, :1].mean(-1, keepdim=True)
+        assert (demo.centroid_track(clips[0], plate) - trajs[0]).abs().max() < 1.0
+        assert demo.centroid_track(plate[None], plate).isnan().all()  # no foreground -> NaN
+
+    def test_demo_references_unseen(self):
+        clips, trajs = demo.make_demo_clips(32, seed=0)
+        refs, starts = demo.make_demo_references(8, seed=1000)
+        assert all(torch.equal(a, b) for a, b in zip(refs, demo.make_demo_references(8, seed=1000)[0]))
+
+        def appearance(img, pos):  # (object hue, background hue, start x) measured from the image
+            hsv = data.rgb_to_hsv((img + 1) / 2)
+            x, y = pos.round().long().tolist()
+            return hsv[0, y, x].item(), hsv[0, 1, 1].item(), pos[0].item()
+
+        train = [appearance(c[0], t[0]) for c, t in zip(clips, trajs)]
+        test = [appearance(im, st) for im, st in zip(refs, starts)]
+        for k in range(3):
+            assert max(a[k] for a in train) < min(b[k] for b in test)  # disjoint: object hue, bg hue, start x
+        for im, st in zip(refs, starts):
+            assert im.shape == (3, 64, 64)
+            assert (demo.centroid_track(im[None])[0] - st).abs().max() < 1.0
+
+    def test_references_are_other_shapes(self):
+        g = torch.Generator().manual_seed(0)
+        shapes = {demo.draw_look(g, demo.DEMO_REF)["shape"] for _ in range(20)}
+        assert shapes == {"square", "diamond"} and not shapes & set(demo.DEMO_TRAIN["shapes"])
+        looks = [demo.draw_look(g, demo.ALL) for _ in range(200)]
+        assert {lk["shape"] for lk in looks} == set(demo.SHAPES)  # pretraining sees every shape
+        for shape in demo.SHAPES:  # equal areas (the disc's), so no shape is easier to track
+            look = dict(looks[0], shape=shape, bg1=torch.zeros(3), bg2=torch.zeros(3), obj=torch.ones(3))
+            img = demo.render(look, torch.tensor([[32.0, 32.0]]))
+            area = ((img[0, 0] + 1) / 2).sum().item()
+            assert area == pytest.approx(math.pi * (demo.DEMO_RADIUS * 64) ** 2, rel=0.03), shape
+
+    def test_generic_motion_follows_its_caption_and_is_never_the_action(self):
+        clips, captions = demo.make_generic_clips(120, seed=4)
+        assert len(set(captions)) > 20
+        assert not any("jump" in c for c in captions)
+        for clip, caption in zip(clips, captions):
+            track = demo.centroid_track(clip)
+            assert not track.isnan().any(), caption  # inside the frame all along
+            move = track[-1] - track[0]
+            if "stays still" in caption or "circles" in caption:
+                assert move.norm() < 1.0, caption  # a full circle comes back
+            else:
+                words = caption.split(maxsplit=3)[-1]
+                want = torch.tensor(demo.DIRECTIONS[words], dtype=torch.float32)
+                assert torch.cosine_similarity(move, want, dim=0) > 0.95, caption
+            if "circles" in caption:
+                assert (track - track[0]).norm(dim=-1).max() > 10, caption
+            assert not demo.score(clip, track[0])["performs"], caption  # never the target's jump
 
     # ------------------------------------------------------------------------- scoring
 
     def test_score_perfect_video_performs_and_static_floor_does_not(self):
         clips, trajs = demo.make_demo_clips(4, seed=3)
-        refs, starts = demo.make_demo_references(2, seed=7)
         for clip, traj in zip(clips, trajs):
             s = demo.score(clip, traj[0])
             assert s["mean_err"] < 0.5 and s["end_err"] < 0.5 and s["peak_err"] < 0.5 and s["performs"]
+            assert s["jitter"] < 0.5  # the rendering's sub-pixel noise only
             static = demo.score(clip[:1].expand_as(clip), traj[0])
             assert not static["performs"]
             assert static["end_err"] == pytest.approx(demo.DISP, abs=0.5)  # the whole displacement is missed
@@ -2342,55 +2372,119 @@ class TestDemo:
         backwards = demo.score(clips[0].flip(0), trajs[0][0])  # the motion run backwards does not count
         assert not backwards["performs"]
 
-    def test_score_counts_a_lost_disc_as_the_frame_size(self):
+    def test_score_counts_a_lost_object_as_the_frame_size(self):
         clip, traj = demo.make_demo_clips(1, seed=5)
         empty = clip[0].clone()
         empty[1:] = empty[1:, :, :1, :1]  # frames 2.. are the background colour of the corner: no disc found
         s = demo.score(empty, traj[0][0])
         assert s["end_err"] == 64.0 and not s["performs"]
 
+    def test_jitter_measures_shake_beyond_the_true_motion(self):
+        clip, traj = demo.make_demo_clips(1, seed=6)
+        look = dict(shape="disc", obj=torch.ones(3), bg1=-torch.ones(3), bg2=-torch.ones(3), split=0.5)
+        offset = demo.render(look, traj[0] + torch.tensor([3.0, -2.0]))  # a constant offset is not jitter
+        assert demo.score(offset, traj[0][0])["jitter"] < 0.5
+        shake = torch.tensor([[2.0, 0.0], [-2.0, 0.0]]).repeat(8, 1)  # +-2 px every other frame
+        s = demo.score(demo.render(look, traj[0] + shake), traj[0][0])
+        assert s["jitter"] == pytest.approx(8.0, abs=0.6)  # |d2| of the shake: 2 + 4 + 2
+
+    def test_background_psnr(self):
+        clips, trajs = demo.make_demo_clips(2, seed=7)
+        clip, start = clips[0], trajs[0][0]
+        assert demo.background_psnr(clip, clip[0], start) > 40  # only the moving disc differs, and it is masked out
+        noisy = (clip + 0.1 * torch.randn(clip.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+        assert demo.background_psnr(noisy, clip[0], start) == pytest.approx(10 * math.log10(4 / 0.01), abs=1.0)
+        assert demo.background_psnr(clips[1], clip[0], start) < 30  # another clip's background
+
     def test_summary_averages(self):
-        rows = [dict(mean_err=1.0, end_err=2.0, peak_err=3.0, performs=True),
-                dict(mean_err=3.0, end_err=4.0, peak_err=5.0, performs=False)]
+        rows = [dict(mean_err=1.0, end_err=2.0, peak_err=3.0, jitter=0.5, performs=True),
+                dict(mean_err=3.0, end_err=4.0, peak_err=5.0, jitter=1.5, performs=False)]
         s = demo.summary(rows)
-        assert (s["mean_err"], s["end_err"], s["peak_err"], s["performs"]) == (2.0, 3.0, 4.0, 0.5)
+        assert (s["mean_err"], s["end_err"], s["peak_err"], s["jitter"], s["performs"]) == (2.0, 3.0, 4.0, 1.0, 0.5)
+
+    # ------------------------------------------------------------------------- the toy base
+
+    def test_shipped_base_is_intact_small_and_strict(self):
+        build = json.loads((demo.BASE / "build.json").read_text())
+        files = [p for p in demo.BASE.rglob("*") if p.is_file() and p.name != "build.json"]
+        assert sorted(str(p.relative_to(demo.BASE)) for p in files) == sorted(build["sha256"])
+        for p in files:  # the weights in git are the ones the README's hash names
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == build["sha256"][str(p.relative_to(demo.BASE))], p
+        assert sum(p.stat().st_size for p in demo.BASE.rglob("*")) <= 20 * 2**20
+        for stage, (first, last) in build["losses"].items():
+            assert last < first, stage
+        pipe = demo.load_base(demo.BASE, "cpu")  # sample.py's strict loader, the SD-1.5 + AnimateDiff layouts
+        assert pipe.info["motion_version"] == "v2" and pipe.info["unet_format"] == "diffusers"
+        proj = [p for k, p in pipe.unet.named_parameters() if "temporal_transformer.proj_out.weight" in k]
+        assert proj and all(p.abs().max() > 0 for p in proj)  # pretrained: no longer AnimateDiff's zero init
+        sd = load_file(demo.BASE / "motion_module.safetensors")  # AnimateDiff's own key layout
+        assert all(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) and ".motion_modules." in k for k in sd)
+        embeds = S.encode_prompt(pipe, ["a disc moves left", "a disc moves right", "a square moves left", ""])
+        flat = embeds.flatten(1)
+        sims = torch.cosine_similarity(flat[:, None], flat[None], dim=-1)
+        assert (sims[~torch.eye(4, dtype=bool)] < 0.999).all()  # the text encoder tells the prompts apart
+
+    def test_pretrain_fast_writes_loadable_layouts(self, tmp_path):
+        result = demo.main(["pretrain", "--fast", "--threads", "1", "--out", str(tmp_path / "base")])
+        build = json.loads((tmp_path / "base" / "build.json").read_text())
+        assert build["steps"] == demo.PRETRAIN_FAST and build == result["build"]
+        assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                "text_encoder/config.json", "tokenizer/vocab.json", "motion_module.safetensors"} <= set(build["sha256"])
+        pipe = demo.load_base(tmp_path / "base", "cpu")
+        assert pipe.unet.config.block_out_channels == demo.UNET_CFG.block_out_channels
+        assert all(a.cross_frame for a in T.cross_frame_layers(pipe.unet))  # FLASH's attention back on
+        with pytest.raises(FileNotFoundError, match="demo.py pretrain"):
+            demo.load_base(tmp_path / "nothing", "cpu")
+
+    # ------------------------------------------------------------------------- the demo run (--fast)
 
     def test_fast_demo_writes_videos_sheet_and_scores(self, fast_run):
         out, n = fast_run["out"], fast_run["report"]["n_refs"]
-        for i in range(n):
-            for ext in ("gif", "mp4"):
-                frames, fps = data.read_video(out / "flash" / f"ref{i}.{ext}")
-                assert frames.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3) and fps == pytest.approx(demo.FPS, rel=0.05)
+        for name in ("base", "flash"):
+            for i in range(n):
+                for ext in ("gif", "mp4"):
+                    frames, fps = data.read_video(out / name / f"ref{i}.{ext}")
+                    assert frames.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3)
+                    assert fps == pytest.approx(demo.FPS, rel=0.05)
         with Image.open(out / "flash_contact_sheet.png") as sheet:  # a training clip, then one row per reference
             assert sheet.size == (demo.FRAMES * demo.SIZE, (n + 1) * demo.SIZE)
         report = json.loads((out / "scores.json").read_text())
-        for key in ("flash", "static"):
-            assert {"mean_err", "end_err", "peak_err", "performs", "per_reference"} <= set(report[key])
+        for key in ("#5", "base", "static"):
+            assert {"mean_err", "end_err", "peak_err", "jitter", "performs", "per_reference"} <= set(report[key])
             assert len(report[key]["per_reference"]) == n
-        assert report["static"]["performs"] == 0.0
+        assert "bg_psnr" in report["#5"] and report["static"]["performs"] == 0.0
+        assert report["validation_loss"]["#5"] < report["validation_loss"]["base"]  # FLASH learns the clips
         assert (out / "reference.png").is_file() and (out / "flash" / "flash.safetensors").is_file()
+        assert set(fast_run["table"]) == {"#1", "#2", "#5", "base", "static"}  # --ablation: Table 2's variants
+        ablation = json.loads((out / "ablation.json").read_text())
+        assert ablation["seeds"] == [0] and ablation["table"]["#5"]["mean_err"]["per_seed"] == [report["#5"]["mean_err"]]
+        settings = {k: json.loads((out / d / "settings.json").read_text()) for k, d in
+                    (("#1", "no_aug"), ("#2", "no_align"), ("#5", "flash"))}
+        for key, (_, _, switches) in demo.VARIANTS.items():  # each variant trained with its own train.py switches
+            assert {k: settings[key][k] for k in switches} == switches, key
 
-    def test_fast_demo_losses_fall(self, fast_run):
-        first_last = lambda v, k=3: (np.mean(v[:k]), np.mean(v[-k:]))
-        for name in ("vae_losses", "unet_losses"):
-            first, last = first_last(fast_run[name])
-            assert last < first, (name, first, last)
-        # the FLASH loss is noisy (one random t per step): compare a fixed validation loss before and after instead
-        val = fast_run["flash_val_loss"]
-        assert val["after"] < val["before"], val
+    def test_ablation_table_mean_and_spread(self, capsys):
+        rows = lambda e: dict(mean_err=e, end_err=e, peak_err=e, jitter=e, performs=e > 1, per_reference=[{}])
+        reports = [{"seed": s, "#5": rows(e), "static": rows(9.0)} for s, e in ((0, 1.0), (1, 2.0), (2, 4.0))]
+        table = demo.print_table(reports)
+        assert table["#5"]["mean_err"] == dict(mean=7 / 3, spread=1.5, per_seed=[1.0, 2.0, 4.0])  # half the range
+        assert table["#5"]["performs"]["mean"] == pytest.approx(2 / 3) and "bg_psnr" not in table["#5"]
+        assert "FLASH (#5)" in capsys.readouterr().out
 
-    def test_fast_demo_pipeline_reloads_through_sample_py(self, fast_run):
-        out = fast_run["out"]
-        pipe = S.load_pipeline(out / "pipeline", out / "pipeline" / "motion_module.safetensors", [out / "flash"],
-                               device="cpu", verbose=False)
-        image = demo.make_demo_references(1, seed=1000)[0][0]
-        video = S.animate(pipe, image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
-                          height=demo.SIZE, width=demo.SIZE, progress=False)
-        assert video.shape == (demo.FRAMES, demo.SIZE, demo.SIZE, 3) and video.dtype == np.uint8
-        again = S.animate(fast_run["pipe"], image, demo.PROMPT, frames=demo.FRAMES, steps=2, guidance=1.0, seed=0,
-                          height=demo.SIZE, width=demo.SIZE, progress=False)
+    def test_fast_demo_result_reloads_through_sample_py(self, fast_run):
+        out, report = fast_run["out"], fast_run["report"]
+        pipe = S.load_pipeline(demo.BASE, demo.BASE / "motion_module.safetensors", [out / "flash"], device="cpu",
+                               dtype="fp32", verbose=False)
+        refs, starts = demo.make_demo_references(1, seed=1000 + report["seed"])
+        video = S.animate(pipe, refs[0], demo.PROMPT, frames=demo.FRAMES, height=demo.SIZE, width=demo.SIZE,
+                          seed=report["seed"], progress=False, **report["sampling"])
+        again = S.animate(fast_run["pipe"], refs[0], demo.PROMPT, frames=demo.FRAMES, height=demo.SIZE,
+                          width=demo.SIZE, seed=report["seed"], progress=False, **report["sampling"])
         assert np.abs(video.astype(int) - again.astype(int)).max() <= 1  # the saved files are the demo's model
-
+        s = demo.score(demo.to_tensor(video), starts[0])
+        assert s["mean_err"] == pytest.approx(report["#5"]["per_reference"][0]["mean_err"], abs=0.05)
+        gif, _ = data.read_video(out / "flash" / "ref0.gif")
+        assert np.abs(gif.astype(int) - video.astype(int)).mean() < 3  # the written GIF (palette-quantised)
 
 
 # ====================================================================================================
