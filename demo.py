@@ -51,7 +51,7 @@ POOL, MOTION_POOL = 1024, 768  # single frames (image stages), generic-motion cl
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
 # large t, where the eps-MSE barely sees them (README, "Embedded demo")
 FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0)
-FLASH_FAST = dict(steps=4, lr=1e-3, timestep_alpha=1.0)
+FLASH_FAST = dict(FLASH, steps=4)  # --fast
 VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
     "#1": ("no_aug", "no strong augmentation", dict(strong_aug=False, motion_align=False, corr_align=False)),
     "#2": ("no_align", "strong augmentation only", dict(strong_aug=True, motion_align=False, corr_align=False)),
@@ -119,7 +119,7 @@ def draw_look(g, ranges):
     hb, sb, vb = u(ranges["bg_hue"]), u((0.2, 0.5)), u((0.15, 0.35))
     bg1 = _hsv(hb, sb, vb)
     bg2 = _hsv(hb, sb, vb + u((0.05, 0.1))) if float(torch.rand((), generator=g)) < 0.5 else bg1  # a lighter band
-    start = torch.tensor([u(ranges["x"]) * 64, u(ranges["y"]) * 64]) / 64
+    start = torch.tensor([u(ranges["x"]), u(ranges["y"])])  # fractions of the frame size
     return dict(shape=shape, obj=obj, bg1=bg1, bg2=bg2, split=u((0.3, 0.7)), start=start)
 
 

@@ -2427,7 +2427,9 @@ class TestDemo:
     def test_pretrain_fast_writes_loadable_layouts(self, tmp_path):
         result = demo.main(["pretrain", "--fast", "--threads", "1", "--out", str(tmp_path / "base")])
         build = json.loads((tmp_path / "base" / "build.json").read_text())
-        assert build["steps"] == demo.PRETRAIN_FAST and build == result["build"]
+        assert build["steps"] == demo.PRETRAIN_FAST and len(result["motion_losses"]) == demo.PRETRAIN_FAST["motion"]
+        for name, digest in build["sha256"].items():  # the recorded hashes are the written files'
+            assert hashlib.sha256((tmp_path / "base" / name).read_bytes()).hexdigest() == digest, name
         assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                 "text_encoder/config.json", "tokenizer/vocab.json", "motion_module.safetensors"} <= set(build["sha256"])
         pipe = demo.load_base(tmp_path / "base", "cpu")
