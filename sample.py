@@ -45,6 +45,19 @@ def ddim_timesteps(steps, n=TRAIN_STEPS, offset=1):
     return (torch.arange(steps) * (n // steps)).flip(0) + offset
 
 
+def video_noise(shape, generator, mixed=0.0):
+    """N(0, I) noise for a (B,C,F,h,w) video. mixed in [0, 1): PYoCo's mixed noise prior (arXiv 2305.10474 Sec. 3.2,
+    Eq. 4 with mixed = a^2 / (1 + a^2)): every frame = sqrt(mixed) * one draw shared by all frames + sqrt(1 - mixed) *
+    its own draw, so each frame stays N(0, I) and any two frames correlate by `mixed`. 0 (SD-1.5 + AnimateDiff's own
+    training): independent frames, the same draw as torch.randn(shape). A model must be trained with the prior it is
+    sampled with (train.py and sample.py --mixed-noise; the demo's toy base uses it, real AnimateDiff does not)."""
+    noise = torch.randn(shape, generator=generator)
+    if mixed:
+        shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator)  # B C 1 h w, broadcast over frames
+        noise = math.sqrt(mixed) * shared + math.sqrt(1 - mixed) * noise
+    return noise
+
+
 def predicted_x0(x, eps, a_t):
     """DDIM's "predicted x_0" (Eq. 12): (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)"""
     return (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
@@ -140,7 +153,8 @@ def loop_loss(x0):
 
 
 def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=None, overlap=OVERLAP,
-                   gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False, loop_weight=LOOP_WEIGHT, loop_grad="x0"):
+                   gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False, loop_weight=LOOP_WEIGHT, loop_grad="x0",
+                   mixed_noise=0.0):
     """animate()'s and the CLI's rules for the sampling settings (frames None: not known yet)."""
     if frames is not None and frames < 2:
         raise ValueError(f"--frames {frames}: want at least 2 (frame 1 is the reference image)")
@@ -148,6 +162,8 @@ def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=No
         raise ValueError(f"--steps {steps}: want 1 to {TRAIN_STEPS} DDIM steps (FLASH uses 25)")
     if not 0 <= shared_noise < 1:
         raise ValueError(f"--shared-noise {shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
+    if not 0 <= mixed_noise < 1:
+        raise ValueError(f"--mixed-noise {mixed_noise}: want 0 <= share < 1 (0 = independent frames)")
     for name, v, ok in (("adain", adain, ADAIN_MODES), ("long", long, LONG_MODES + (None,)),
                         ("loop-grad", loop_grad, ("x0", "unet"))):
         if v not in ok:
@@ -334,7 +350,7 @@ def encode_prompt(pipe, prompts):
 def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidance=7.5, seed=0, height=None,
             width=None, adain=ADAIN, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
             context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
-            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False):
+            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0):
     """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
     adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
     rule + post), "off". hist_match: LAMP's RGB histogram matching of frames 2..N to frame 1 after decoding.
@@ -349,7 +365,8 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     s = pipe.info.get("settings", {})
     height, width = height or s.get("height", 512), width or s.get("width", 512)
     check_size(height, width)
-    check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad)
+    check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad,
+                   mixed_noise)
     L = context_frames(pipe, context)
     mode = "plain" if frames <= L else long or ("windows" if loop else "phased")
     if loop and mode == "phased":  # measured: the loop loss did not move (README, "Longer and looping videos")
@@ -368,7 +385,7 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on every device
     down = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
     shape = (1, vae.config.latent_channels, min(frames, L), height // down, width // down)
-    noise = torch.randn(shape, generator=g)  # the plain sampler's draw in every mode
+    noise = video_noise(shape, g, mixed_noise)  # the plain sampler's draw in every mode
     acp, ts, dt = alphas_cumprod().to(dev), ddim_timesteps(steps).tolist(), TRAIN_STEPS // steps
     M = min(math.ceil(round(gamma * steps, 6)), steps - 1)  # Eq. 9: M = ceil(gamma T) shared ("contour") steps
     segments = [(a, min(a + L - 1, frames)) for a in range(1, frames, L - 1)]  # video frames of each segment
@@ -593,7 +610,8 @@ def run(args):
         pipe.vae.full_res_attention(False)
     long = dict(long=args.long, context=args.context_frames, overlap=args.overlap, gamma=args.gamma,
                 omega=args.omega, loop=args.loop, loop_weight=args.loop_weight, loop_grad=args.loop_grad,
-                hist_match=args.hist_match)
+                hist_match=args.hist_match, mixed_noise=s.get("mixed_noise", 0.0) if args.mixed_noise is None
+                else args.mixed_noise)
     for file, image, out in zip(files, images, outs):
         if pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -605,6 +623,7 @@ def run(args):
         meta = dict(image=os.path.abspath(file), prompt=prompt, negative_prompt=args.negative_prompt,
                     frames=frames, steps=args.steps, guidance=args.guidance, seed=seed, height=h, width=w, fps=fps,
                     adain=args.adain, hist_match=args.hist_match, shared_noise=args.shared_noise,
+                    mixed_noise=long["mixed_noise"],
                     long=last["long"], context_frames=last["context_frames"], unet_calls=last["unet_calls"],
                     overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
                     loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
@@ -652,6 +671,9 @@ def main(argv=None):
     p.add_argument("--hist-match", action="store_true",
                    help="match each frame's RGB histogram to frame 1 after decoding (LAMP's inference script)")
     p.add_argument("--shared-noise", type=float, default=0.0, help="LAMP shared-noise alpha (LAMP: 0.2; 0 = off)")
+    p.add_argument("--mixed-noise", type=float,
+                   help="PYoCo mixed noise prior: share of the initial noise common to all frames (default: the "
+                        "checkpoint's training value, else 0 = independent frames, as SD-1.5 + AnimateDiff)")
     p.add_argument("--no-detail", action="store_true", help="decode with the plain SD decoder (ablation)")
     p.add_argument("--no-detail-full-res", action="store_true",
                    help="skip the detail decoder's full-resolution patch attention if it was trained with it "

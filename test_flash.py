@@ -1570,6 +1570,18 @@ class TestSample:
 
     # ------------------------------------------------------------------------- pure functions
 
+    def test_mixed_noise_prior_statistics(self):
+        # PYoCo's mixed prior: share 0 is exactly torch.randn; otherwise each frame stays N(0, 1) and two frames
+        # correlate by the share (a property of sqrt(s) shared + sqrt(1 - s) own, checked on 2M samples)
+        shape = (1, 4, 2, 512, 512)
+        assert torch.equal(S.video_noise(shape, torch.Generator().manual_seed(3)),
+                           torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+        for share in (0.3, 0.8):
+            n = S.video_noise(shape, torch.Generator().manual_seed(4), share)
+            a, b = n[:, :, 0].flatten(), n[:, :, 1].flatten()
+            assert abs(a.std().item() - 1) < 0.01 and abs(b.std().item() - 1) < 0.01
+            assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - share) < 0.01
+
     def test_ddim_matches_diffusers(self):
         diffusers = pytest.importorskip("diffusers")
         ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,

@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from data import (clip_stride, decoder_distort, load_videos, plain_warnings, sample_clip, strong_augment, tqdm,
                   write_video)
 from model import autocast_dtype, read_json
-from sample import alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, prompt_words
+from sample import (alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, prompt_words,
+                    video_noise)
 from vae import load_vae
 
 
@@ -65,6 +66,9 @@ def get_parser():
                    help="cosine: p(t) ∝ 1 - alpha cos(pi t/T), favouring large t (ReVersion)")
     p.add_argument("--timestep-alpha", type=float, default=0.5,
                    help="alpha in [0, 1] of the cosine rule: 0 = uniform, 1 = strongest (p(0) = 0)")
+    p.add_argument("--mixed-noise", type=float, default=0.0,
+                   help="PYoCo mixed noise prior: share of the noise common to all frames (0 = independent, as "
+                        "AnimateDiff trains; use the base's own value: the demo's toy base was trained with it)")
     p.add_argument("--null-text-prob", type=float, default=0.1,  # AnimateDiff's training config
                    help="share of steps trained on the empty prompt, the unconditional branch of classifier-free "
                         "guidance (AnimateDiff's cfg_random_null_text_ratio 0.1; 0 = off)")
@@ -204,7 +208,7 @@ def unet_step(args, pipe, clip, embed, null_embed, gen, autocast, acp, t_weights
         lat = pipe.vae.encode(x.flatten(0, 1).to(vae_dtype), sample=True, generator=gen)
     lat = lat.float().view(len(clips), args.frames, *lat.shape[1:]).transpose(1, 2)  # B 4 F h w
     t = torch.multinomial(t_weights, 1, generator=gen).item()
-    noise = torch.randn(lat[:1].shape, generator=gen).to(dev)  # one t and one noise for both clips
+    noise = video_noise(lat[:1].shape, gen, args.mixed_noise).to(dev)  # one t and one noise for both clips
     chosen = torch.randperm(n_layers, generator=gen)[: round(args.corr_prob * n_layers)].tolist()
     aligned = len(clips) == 2
     # null text as AnimateDiff's training (cfg_random_null_text_ratio; A3.2 builds on its codebase): "" for CFG
@@ -322,7 +326,8 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
             for caption, name in zip(settings["captions"], sample_names):  # one video per caption (action)
                 with autocast:  # frozen weights are bf16/fp16 on GPU, the trained ones fp32
                     frames = animate(pipe, sample_image, caption, frames=args.frames, steps=args.sample_steps,
-                                     height=args.height, width=args.width, seed=args.seed, progress=False)
+                                     height=args.height, width=args.width, seed=args.seed, progress=False,
+                                     mixed_noise=args.mixed_noise)
                 write_video(frames, os.path.join(args.out, "samples", f"step_{step + 1:06d}_{name}.mp4"),
                             settings["fps"])
             model.train()
@@ -359,6 +364,8 @@ def check_args(args):
         args.motion_align = args.corr_align = False  # alignment needs the augmented clip
     if not 0 <= args.timestep_alpha <= 1:
         raise ValueError(f"--timestep-alpha {args.timestep_alpha}: want 0 <= alpha <= 1")
+    if not 0 <= args.mixed_noise < 1:
+        raise ValueError(f"--mixed-noise {args.mixed_noise}: want 0 <= share < 1 (0 = independent frames)")
     if not 0 <= args.null_text_prob <= 1:
         raise ValueError(f"--null-text-prob {args.null_text_prob}: want 0 <= p <= 1 (AnimateDiff: 0.1)")
     branches = {b.strip() for b in args.detail_branches.split(",")} - {""}
