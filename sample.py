@@ -365,6 +365,8 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     s = pipe.info.get("settings", {})
     height, width = height or s.get("height", 512), width or s.get("width", 512)
     check_size(height, width)
+    if image is None:  # TEMPORARY (the demo's pretraining run): replaced by the sampler split of issue 22
+        return text_to_video(pipe, prompt, negative_prompt, frames, steps, guidance, seed, height, width, mixed_noise)
     check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad,
                    mixed_noise)
     L = context_frames(pipe, context)
@@ -511,6 +513,31 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
                                  long=mode, context_frames=L, unet_calls=calls, latents=x.cpu(),
                                  loop_loss=loop_loss(x).item() if frames >= 3 else None)
     return out
+
+
+@torch.no_grad()
+def text_to_video(pipe, prompt, negative_prompt, frames, steps, guidance, seed, height, width, mixed_noise):
+    """TEMPORARY: AnimateDiff's own mode, every frame from noise, cross-frame attention off"""
+    layers = [m for m in pipe.unet.modules() if hasattr(m, "cross_frame")]
+    was = [m.cross_frame for m in layers]
+    for m in layers:
+        m.cross_frame = False
+    vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
+    ctx = encode_prompt(pipe, [negative_prompt, prompt] if cfg else [prompt])
+    g = torch.Generator().manual_seed(seed)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    x = video_noise((1, vae.config.latent_channels, frames, height // down, width // down), g, mixed_noise).to(dev)
+    acp, ts, dt = alphas_cumprod().to(dev), ddim_timesteps(steps).tolist(), TRAIN_STEPS // steps
+    for t in ts:
+        eps = pipe.unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
+        if cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        x = ddim_step(x, eps, t, t - dt, acp)
+    for m, w in zip(layers, was):
+        m.cross_frame = w
+    video = vae.decode(x[0].transpose(0, 1).to(next(vae.parameters()).dtype), chunk=4).float()
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- CLI
