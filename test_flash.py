@@ -27,6 +27,7 @@ import bench as B
 import data
 import demo
 import eval as E
+import memory as MEM
 import model as M
 import sample as S
 import train as T
@@ -1936,6 +1937,38 @@ class TestSample:
             assert meta["adain"] == "lamp" and meta["hist_match"] and meta["unet_calls"] == 2 * 3
             assert meta["gamma"] == 0.8 and meta["omega"] == 0.2 and meta["seed"] == 3
 
+    def test_text_to_video_matches_animatediff_pipeline(self, written):
+        """image=None is AnimateDiff's own text-to-video: diffusers' AnimateDiffPipeline (its DDIM scheduler as
+        AnimateDiff's configs set it, CFG 7.5) on the same U-Net + motion-module files, the same initial latents and
+        prompt embeddings, gives the same final latents; FLASH's cross-frame attention is off for the run only."""
+        diffusers = pytest.importorskip("diffusers")
+        d, unet2d, adapter = written
+        unet = M.load_unet(d / "sd", d / "adapter").eval()
+        assert unet.config.cross_frame
+        te = randomize_(CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), 3)
+        pipe = S.Pipeline(unet, randomize_(VAE(VAEConfig(**VAE_TINY)), 4), te, Tokenizer(*byte_vocab()),
+                          torch.device("cpu"), torch.float32)
+        dp = diffusers.AnimateDiffPipeline(
+            vae=df_vae(), text_encoder=None, tokenizer=None, unet=motion_oracle(unet2d, adapter),
+            motion_adapter=adapter, scheduler=diffusers.DDIMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False))
+        dp.set_progress_bar_config(disable=True)
+        ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
+        kw = dict(frames=5, steps=4, guidance=7.5, seed=3, height=64, width=96)
+        for mixed in (0.0, 0.3):  # PYoCo's mixed prior: the same draw over every frame (none is a reference)
+            S.animate(pipe, None, "a person waving", "blurry", progress=False, mixed_noise=mixed, **kw)
+            ours, last = pipe.info["last_run"]["latents"], pipe.info["last_run"]
+            assert last["text_to_video"] and last["long"] == "plain" and not last["detail"]
+            assert all(m.cross_frame for n, m in unet.named_modules() if n.endswith("attn1"))  # switched back on
+            g = gen(kw["seed"])  # PYoCo Eq. 4 by hand: sqrt(s) * one draw shared by all frames + sqrt(1 - s) * own
+            own, shared = torch.randn((1, 4, 5, 8, 12), generator=g), torch.randn((1, 4, 1, 8, 12), generator=g)
+            noise = mixed ** 0.5 * shared + (1 - mixed) ** 0.5 * own if mixed else own
+            with torch.no_grad():
+                want = dp(prompt_embeds=ctx[1:], negative_prompt_embeds=ctx[:1], num_frames=5, height=64, width=96,
+                          num_inference_steps=4, guidance_scale=7.5, latents=noise.clone(), output_type="latent").frames
+            assert want.shape == ours.shape and not torch.allclose(want, noise, atol=1e-2)
+            assert rel_err(ours, want) <= 1e-4, (mixed, rel_err(ours, want))
+
     def test_sampler_bits_unchanged_in_every_mode(self):
         # recorded on the unsplit sampler (commit d125dce), torch 2.13 CPU, one thread; a new torch or CPU kernel
         # may move the last bit: then re-record on the old commit with sampler_hashes()
@@ -2621,6 +2654,11 @@ class TestBench:
         assert "diffusers_s" not in r and "ratio" not in r and r["ours_s"] > 0
         assert "diffusers absent" in capsys.readouterr().out
 
+
+# ====================================================================================================
+class TestMemory:
+    """memory.py: the peak-GPU-memory estimate (meta tensors) and its three command lines"""
+
     def test_estimate_attention_by_hand(self):
         """LiveBytes on one attention module (meta tensors, trainable fp32 weights), against a hand count: the fused
         kernel keeps q, k, v (the projections), its output and a float32 logsumexp per query and head (plus an 8-byte
@@ -2631,14 +2669,14 @@ class TestBench:
         with torch.device("meta"):
             attn, x = M.Attention(C, h), torch.empty(N, L, C)
         act = "activations, workspace"
-        with B.LiveBytes(block=1) as track:
+        with MEM.LiveBytes(block=1) as track:
             for q in [x, *attn.parameters()]:
                 track.add(q, "given")
             y = attn(x)
             assert track.kinds[act] == 5 * N * L * C * 4 + N * h * L * 4 + 16
             assert track.kinds[act] < N * h * L * L * 4  # the math path's scores alone would exceed it
             assert track.flops == 4 * 2 * N * L * C * C + 2 * 2 * N * h * L * L * (C // h)
-        with B.LiveBytes(block=1) as track, B.MetaAutocast(torch.bfloat16):
+        with MEM.LiveBytes(block=1) as track, MEM.MetaAutocast(torch.bfloat16):
             for q in [x, *attn.parameters()]:
                 track.add(q, "given")
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -2658,14 +2696,14 @@ class TestBench:
         unet, mm, trainable, vae, clip = 859_520_964, 453_209_280, 477_990_080, 83_653_863, 123_060_480
         channels = 2 * (320 + 640 + 1280 + 1280) + 1280 + 3 * (1280 + 1280 + 640 + 320)
         pe = 2 * 32 * channels * 2  # bf16, as the U-Net
-        e = B.estimate("train", train=B.train_args("unet", 2, 64, 64), block=1)
+        e = MEM.estimate("train", train=MEM.train_args("unet", 2, 64, 64), block=1)
         got = e["at_peak"]
         assert e["phase"] == "AdamW step" and e["trainable_params"] == trainable
         assert got["frozen weights"] == 2 * (unet + mm - trainable) + pe + 4 * vae
         assert got["trainable (fp32)"] == got["gradients"] == 4 * trainable
         assert got["AdamW state"] == 2 * 4 * trainable
         assert 4 * trainable <= got["activations, workspace"] < 4 * trainable * 1.01
-        e = B.estimate("sample", frames=2, height=64, width=64, detail=False, block=1)
+        e = MEM.estimate("sample", frames=2, height=64, width=64, detail=False, block=1)
         assert e["at_peak"]["frozen weights"] == 2 * (unet + mm) + pe + 4 * (vae + clip)
 
     def test_estimate_cli(self, tmp_path, capsys):
