@@ -163,9 +163,9 @@ def train_setup(t, pipe):
 
 
 def train_data(t, pipe, embed, seed=0):
-    """What train.train() hands its step: a clip in [-1, 1] (F, 3, H, W) on the device, the caption's embedding (also standing
-    in for the empty prompt's: same shape, same cost), a CPU generator, the noise schedule, the timestep weights, the
-    count of cross-frame layers."""
+    """What train.train() hands its step: a clip in [-1, 1] (F, 3, H, W) on the device, the caption's embedding
+    (also standing in for the empty prompt's: same shape, same cost), a CPU generator, the noise schedule, the
+    timestep weights, the count of cross-frame layers."""
     g = torch.Generator().manual_seed(seed)
     clip = (torch.rand(t.frames, 3, t.height, t.width, generator=g) * 2 - 1).to(pipe.device)  # as train.py moves it
     return SimpleNamespace(clip=clip, embed=embed, gen=g,
@@ -176,8 +176,8 @@ def train_data(t, pipe, embed, seed=0):
 
 def flash_step(t, pipe, params, opt, d, autocast):
     """One iteration of train.train()'s loop for either stage, through train.py's own unet_step / decoder_step
-    (augmentation included, on the device as train.py runs it). The generator is reseeded: every call runs the same t, augmentation and
-    aligned layers (torch.compile then traces one graph)."""
+    (augmentation included, on the device as train.py runs it). The generator is reseeded: every call runs the same t,
+    augmentation and aligned layers (torch.compile then traces one graph)."""
     d.gen.manual_seed(d.seed)
     if t.stage == "unet":
         loss, _ = T.unet_step(t, pipe, d.clip, d.embed, d.embed, d.gen, autocast, d.acp, d.t_weights, d.n_layers)
@@ -273,10 +273,9 @@ def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", 
     else:
         plan = S.sampling_plan(pipe, frames, 25, guidance, text_only, "off", context=context)
         how = "" if plan.mode == "plain" else f" ({plan.mode}, {plan.calls} U-Net calls at 25 steps)"
+        dec = "on (full-resolution patch attention, as a GPU-trained one)" if detail and not text_only else "off"
         what += (f" over {plan.context}-frame U-Net calls{how}{', text-to-video' * text_only}, CFG batch of "
-                 f"{2 if guidance > 1 else 1}, U-Net {dtype}, VAE {vae_dtype}, detail decoder "
-                 f"{'on (full-resolution patch attention, as a GPU-trained one)' if detail and not text_only else 'off'}"
-                 f", text encoder fp32")
+                 f"{2 if guidance > 1 else 1}, U-Net {dtype}, VAE {vae_dtype}, detail decoder {dec}, text encoder fp32")
     return dict(kind=kind, what=what, peak=track.peak, at_peak=track.at_peak, resident=resident,
                 phase=track.peak_phase, phases={k: v for k, v in track.phases.items() if k}, flops=track.flops,
                 trainable_params=sum(q.numel() for q in params.values()), seconds=time.time() - t0)

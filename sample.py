@@ -25,8 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
 from data import exit_on_error, plain_warnings, tqdm, write_video
-from model import (DTYPES, Attention, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json, save_motion_module,
-                   save_unet)
+from model import (DTYPES, Attention, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json,
+                   save_motion_module, save_unet)
 from vae import VAE, load_vae, save_vae
 
 # ----------------------------------------------------------------------------- DDIM
@@ -435,13 +435,16 @@ def unet_call(run, x, t):
         if run.pipe.device.type == "cuda":
             torch.cuda.synchronize()
         s = time.time() - run.t0
-        run.log(f"{run.calls} U-Net calls of up to {run.context} frames; the first took {s:.2f} s: about "
-                f"{duration(s * run.calls)} in all (then the decode)")
+        run.log(f"{run.calls} U-Net calls of up to {min(run.frames, run.context)} frames; the first took {s:.2f} s: "
+                f"about {duration(s * run.calls)} in all (then the decode)")
     return eps
 
 
 def duration(s):
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    """seconds -> '0.42 s', '95 s', '12 min', '3.5 h'"""
+    if s < 120:
+        return f"{s:.2g} s" if s < 10 else f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def fused_eps(run, x, t):
@@ -789,7 +792,8 @@ def plan_line(args, plan, videos):
     how = "" if plan.mode == "plain" else f" ({plan.mode})"
     frames_gib = args.frames * 3 * args.height * args.width * 5 / 2**30  # fp32 on the device + uint8 on the host
     return (f"plan: {videos} video(s) of {args.frames} frames {args.height}x{args.width}"
-            f"{' from text alone' * (not args.image)}: {plan.calls} U-Net calls of up to {plan.context} frames "
+            f"{' from text alone' * (not args.image)}: {plan.calls} U-Net calls of up to "
+            f"{min(args.frames, plan.context)} frames "
             f"each{how}, CFG batch of {2 if args.guidance > 1 else 1}; the decoded frames take {frames_gib:.2g} GiB"
             f" (check memory first: python sample.py --estimate-memory ...)")
 

@@ -1969,6 +1969,68 @@ class TestSample:
             assert want.shape == ours.shape and not torch.allclose(want, noise, atol=1e-2)
             assert rel_err(ours, want) <= 1e-4, (mixed, rel_err(ours, want))
 
+    def test_non_finite_sampling_names_its_cause(self, monkeypatch):
+        """A NaN/inf in the sampler stops it with one ValueError naming the setting (the loop weight, else the
+        dtype, else the weights) instead of decoding a black video; loop weights outside 0..10 are refused."""
+        pipe = tiny_pipeline(seed=1)
+        image = torch.rand(3, 32, 32, generator=gen(0)) * 2 - 1
+        kw = dict(frames=4, steps=2, height=32, width=32, progress=False)
+        with pytest.raises(ValueError, match=r"--loop-weight 11\.0: want 0 to 10"):
+            S.animate(pipe, image, "wave", loop=True, loop_weight=11.0, **kw)
+        monkeypatch.setattr(S, "LOOP_WEIGHT_MAX", 1e31)  # past the range check: the sampler's own guard
+        with pytest.raises(ValueError, match=r"non-finite values in .* --loop-weight 1e\+30 is too strong"):
+            S.animate(pipe, image, "wave", loop=True, loop_weight=1e30, **kw)
+        with torch.no_grad():
+            pipe.unet.conv_out.bias[0] = float("nan")
+        with pytest.raises(ValueError, match="noise prediction at DDIM step 1 .* fp32 predicts NaN/inf: check the"):
+            S.animate(pipe, image, "wave", **kw)
+        pipe.dtype = torch.bfloat16  # what the message names for a half-precision U-Net
+        with pytest.raises(ValueError, match="the U-Net runs in bfloat16: try --dtype fp32"):
+            S.animate(pipe, image, "wave", **kw)
+
+    def test_text_to_video_long_windows_and_what_it_refuses(self):
+        """Past the training length text-to-video runs FreeNoise windows over all frames (no reference to restart
+        segments from: naive and phased are refused); AdaIN and histogram matching need the reference."""
+        pipe = tiny_pipeline(seed=1)
+        pipe.info["settings"] = {"frames": 6}
+        kw = dict(steps=2, height=32, width=32, progress=False, seed=0)
+        sizes = []
+        hook = pipe.unet.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[2]))
+        video = S.animate(pipe, None, "wave", frames=14, overlap=2, **kw)
+        hook.remove()
+        last = pipe.info["last_run"]
+        windows = S.context_windows(14, 6, 2)  # all 14 frames in 6-frame windows, no clean frame in any
+        assert video.shape == (14, 32, 32, 3) and last["long"] == "windows" and sizes == [6] * 2 * len(windows)
+        assert last["unet_calls"] == 2 * len(windows)
+        for mode in ("naive", "phased"):
+            with pytest.raises(ValueError, match=f"--long {mode} restarts every segment"):
+                S.animate(pipe, None, "wave", frames=14, long=mode, **kw)
+        for bad, match in ((dict(adain="lamp"), "--adain lamp aligns"), (dict(hist_match=True), "--hist-match")):
+            with pytest.raises(ValueError, match=match):
+                S.animate(pipe, None, "wave", frames=4, **bad, **kw)
+
+    def test_cli_text_to_video_plan_line_and_rough_edges(self, sd, tmp_path):
+        common = ["--base", sd, "--motion-module", sd / "motion_module.safetensors", "--prompt", "wave", "--height", H,
+                  "--width", W, "--steps", 2, "--device", "cpu", "--seed", 1]
+        procs = {"t2v": cli(*common, "--frames", 6, "--out", tmp_path / "t.mp4"),
+                 "loop": cli(*common, "--image", sd / "ref.png", "--loop", "--loop-weight", "1e30",
+                             "--out", tmp_path / "l.mp4"),
+                 "naive": cli(*common, "--frames", 40, "--long", "naive", "--out", tmp_path / "n.mp4"),
+                 "adain": cli(*common, "--adain", "lamp", "--out", tmp_path / "a.mp4")}
+        res = {k: p.communicate(timeout=180) for k, p in procs.items()}
+        assert procs["t2v"].returncode == 0, res["t2v"][1]
+        out = res["t2v"][0]  # before the run: its U-Net calls; after the first call: the time it will take
+        assert "plan: 1 video(s) of 6 frames 64x96 from text alone: 2 U-Net calls" in out
+        assert re.search(r"2 U-Net calls of up to 6 frames; the first took [0-9.]+ s: about [0-9.e+-]+ s in all", out)
+        meta = json.loads((tmp_path / "t.json").read_text())
+        assert meta["image"] is None and meta["mode"] == "text-to-video" and meta["adain"] == "off"
+        assert (tmp_path / "t.mp4").stat().st_size > 0
+        for k, match in (("loop", "--loop-weight 1e+30: want 0 to 10"), ("naive", "--long naive restarts"),
+                         ("adain", "--adain lamp aligns")):
+            err = res[k][1]
+            assert procs[k].returncode == 2 and err.startswith(f"error: {match}") and err.count("\n") == 1, err
+            assert not (tmp_path / f"{k[0]}.mp4").exists()
+
     def test_sampler_bits_unchanged_in_every_mode(self):
         # recorded on the unsplit sampler (commit d125dce), torch 2.13 CPU, one thread; a new torch or CPU kernel
         # may move the last bit: then re-record on the old commit with sampler_hashes()
@@ -2722,6 +2784,24 @@ class TestMemory:
         r = subprocess.run([sys.executable, str(HERE / "bench.py"), *sample[:-2], "--width", "60"], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.startswith("error: --width 60") and r.stderr.count("\n") == 1
+
+    def test_estimate_memory_on_train_and_sample_equals_bench(self, tmp_path, capsys):
+        """train.py / sample.py --estimate-memory print the estimate for exactly their flags without reading any
+        weights or videos (none are given), with the numbers of bench.py --estimate for the same flags; sample.py's
+        follows its own plan past the context length (phased over 8-frame calls here) and its text-to-video mode."""
+        same = lambda a, b: {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items()
+                                                                              if k != "seconds"}
+        flags = ["--frames", "2", "--height", "64", "--width", "64", "--no-gradient-checkpointing"]
+        t = T.main(["--estimate-memory", *flags])
+        assert "memory estimate: training step, unet stage" in capsys.readouterr().out
+        assert same(t, B.main(["--estimate", "train", *flags]))
+        Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
+        flags = ["--frames", "20", "--height", "64", "--width", "64", "--context-frames", "8", "--vae-dtype", "bf16"]
+        s = S.main(["--estimate-memory", "--image", str(tmp_path / "ref.png"), *flags])
+        assert "(phased, " in s["what"] and same(s, B.main(["--estimate", "sample", "--no-detail", *flags]))
+        s = S.main(["--estimate-memory", *flags])  # no --image: text-to-video, windows over all 20 frames
+        assert "(windows, " in s["what"] and same(s, B.main(["--estimate", "sample", "--no-detail", "--text-only",
+                                                            *flags]))
 
 
 if __name__ == "__main__":
