@@ -6,7 +6,8 @@ LAMP's shared noise, AdaIN and histogram matching (arXiv 2310.10769, RQ-Wu/LAMP)
 Enhancement Decoder fed by the reference's encoder features. Videos longer than the training length: phased inference
 with shared noise reschedule (arXiv 2405.17306, Sec. 3.4) or FreeNoise-style sliding windows (arXiv 2310.15169);
 seamless loops: LVMM's looping guidance (LVMM supplementary, Sec. 3). Several references per run, weights and prompt
-embeddings loaded once. API: load_pipeline() + animate(); CLI: python sample.py --help
+embeddings loaded once. Without a reference: AnimateDiff's own text-to-video (arXiv 2307.04725; every frame from
+noise, cross-frame attention off). API: load_pipeline() + animate(); CLI: python sample.py --help
 """
 import argparse
 import json

@@ -2804,5 +2804,45 @@ class TestMemory:
                                                             *flags]))
 
 
+# ====================================================================================================
+class TestRepo:
+    """the repository's own rules: a README a newcomer takes in, a paper map that names real functions, short
+    functions in the core files"""
+
+    def test_readme_short_and_its_links_exist(self):
+        text = (HERE / "README.md").read_text()
+        assert len(text.splitlines()) <= 150
+        links = re.findall(r"(?<!!)\[[^\]]*\]\(([^)#:]+)\)", text)  # relative links, not images or URLs
+        assert {"docs/paper.md", "docs/demo.md", "docs/performance.md", "docs/tests.md"} <= set(links)
+        assert [link for link in links if not (HERE / link).exists()] == []
+
+    def test_paper_map_names_functions_that_exist(self):
+        """In docs/paper.md every `name` after a `file.py` (same table cell or index line) is defined in that file."""
+        missing, checked = [], 0
+        for line in (HERE / "docs/paper.md").read_text().splitlines():
+            cells = line.split("|")[1:3] if line.startswith("|") else [line]
+            for cell in cells:
+                file = None
+                for token in re.findall(r"`([^`]+)`", cell):
+                    if token.endswith(".py"):  # ours; others' (LAMP's inference_script.py) are not checked
+                        file = (HERE / token).read_text() if (HERE / token).exists() else None
+                    elif file and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)?", token):
+                        name = token.split(".")[-1]
+                        checked += 1
+                        if not re.search(rf"(def|class) {name}\b|\b{name}\s*(:[^=\n]*)?=", file):
+                            missing.append(token)
+        assert checked >= 30 and missing == []
+
+    def test_core_functions_at_most_80_lines(self):
+        import ast
+        long = []
+        for name in ("model", "vae", "clip_text", "data", "train", "sample"):
+            for node in ast.walk(ast.parse((HERE / f"{name}.py").read_text())):
+                if isinstance(node, ast.FunctionDef) and node.name != "get_parser":  # argparse builders exempt
+                    n = node.end_lineno - node.lineno + 1
+                    long += [f"{name}.{node.name}: {n}"] if n > 80 else []
+        assert long == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
