@@ -103,7 +103,7 @@ PHASED_GAMMA, PHASED_OMEGA = 0.8, 0.2  # arXiv 2405.17306 Sec. 4.1: gamma 0.8 (E
 OVERLAP = 4  # windows: frames shared by neighbouring context windows (AnimateDiff-Evolved's default overlap)
 LONG_MODES = ("phased", "windows", "naive")
 ADAIN_MODES = ("lamp", "post", "off")
-ADAIN = "lamp"  # default: measured on the demo model (README, "How it maps to the paper")
+ADAIN = "lamp"  # default: measured on the demo model (docs/paper.md, the AdaIN row)
 LOOP_WEIGHT = 0.1  # LVMM's mu for the sum-reduced L1 loss below (measured on the demo model: docs/demo.md)
 # The loop term adds mu sigma_t grad to eps, and the gradient of the sum-reduced L1 loss is about +-1 per element,
 # as large as eps itself at mu = 1. Measured on the tiny random pipeline (25 steps, 8 frames): the loop loss is

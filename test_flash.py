@@ -2560,7 +2560,7 @@ class TestDemo:
         build = json.loads((demo.BASE / "build.json").read_text())
         files = [p for p in demo.BASE.rglob("*") if p.is_file() and p.name != "build.json"]
         assert sorted(str(p.relative_to(demo.BASE)) for p in files) == sorted(build["sha256"])
-        for p in files:  # the weights in git are the ones the README's hash names
+        for p in files:  # the weights in git are the ones build.json (and docs/demo.md) name
             assert hashlib.sha256(p.read_bytes()).hexdigest() == build["sha256"][str(p.relative_to(demo.BASE))], p
         assert sum(p.stat().st_size for p in demo.BASE.rglob("*")) <= 20 * 2**20
         for stage, (first, last) in build["losses"].items():
