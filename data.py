@@ -48,6 +48,20 @@ def plain_warnings():
     """Command lines: print each warning as one `warning: ...` line on stderr (no source line, no traceback)."""
     warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
 
+
+def exit_on_error(fn, *args, oom="out of GPU memory"):
+    """Command lines: fn(*args), where an expected error (a missing or unreadable file, a bad setting, mismatched
+    weights, out of GPU memory: then `oom`, the script's advice) becomes one `error: ...` line on stderr and exit
+    status 2, nothing written. Anything else is a bug and keeps its traceback."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        msg = oom
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
 # -----------------------------------------------------------------------------
 # video I/O
 

@@ -42,12 +42,12 @@ TEXT_CFG = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, 
 UNET_CFG = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
                       norm_num_groups=8, down_attention=(False, True, True), motion_max_len=32)  # latents 16, 8, 4
 # pretraining (python demo.py pretrain): steps, learning rates, batches; the pools it draws from
-PRETRAIN = dict(vae=400, unet=1200, motion=1500)
+PRETRAIN = dict(vae=800, unet=1000, motion=1600)
 PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
 MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise is shared by all frames
-POOL, MOTION_POOL = 1024, 768  # single frames (image stages), generic-motion clips (motion stage)
+POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
 # large t, where the eps-MSE barely sees them (README, "Embedded demo")

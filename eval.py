@@ -9,7 +9,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip_text import CLIPLayer, CLIPTextConfig, CLIPTextModel, load_tokenizer
-from data import FRAME_EXTS, VIDEO_EXTS, plain_warnings, read_video, to_uint8, tqdm
+from data import FRAME_EXTS, VIDEO_EXTS, exit_on_error, plain_warnings, read_video, to_uint8, tqdm
 from model import autocast_dtype, find_weights, load_checked, load_state_dict_file, read_json
 from sample import load_image
 
@@ -279,7 +278,7 @@ def settings(args, device, dtype):
         text="prompt tokenised to 77 tokens (longer: truncated, with a warning); embedding at the end-of-text token")
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description="FLASH (arXiv 2503.00276) App. A3.3: score videos with the paper's CLIP "
                                             "metrics (Text Alignment, Image Alignment, Temporal Consistency, x100).")
     g = p.add_mutually_exclusive_group(required=True)
@@ -298,17 +297,11 @@ def main(argv=None):
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="CLIP autocast dtype (auto: bf16/fp16 on a GPU, fp32 on CPU)")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except torch.cuda.OutOfMemoryError:
-        msg = "CUDA out of memory: try a smaller --batch-size"
-    except (OSError, ValueError) as e:  # missing/unreadable files, mismatched weights: one line
-        msg = " ".join(str(e).split())
-    else:
-        return
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    return p
+
+
+def main(argv=None):
+    exit_on_error(run, get_parser().parse_args(argv), oom="CUDA out of memory: try a smaller --batch-size")
 
 
 if __name__ == "__main__":

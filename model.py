@@ -44,7 +44,7 @@ def attention(q, k, v, causal=False, chunk=0):
     chunk > 0 (not with causal): the queries in slices of `chunk` rows, one SDPA call each, so at most chunk x L_k
     scores per head exist at once whichever kernel SDPA picks (its math fallback materialises them, the fused
     kernels never do); the result is the same up to float rounding.
-    Meta tensors (bench.py --estimate) have no kernel choice and SDPA would take its math path with L x L scores:
+    Meta tensors (memory.py's estimate) have no kernel choice and SDPA would take its math path with L x L scores:
     they run the memory-efficient kernel's op instead, whose meta version allocates what the GPU's does (O(L))."""
     if q.is_meta:  # the one estimate hook
         return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, torch.is_grad_enabled(),

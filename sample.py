@@ -6,7 +6,8 @@ LAMP's shared noise, AdaIN and histogram matching (arXiv 2310.10769, RQ-Wu/LAMP)
 Enhancement Decoder fed by the reference's encoder features. Videos longer than the training length: phased inference
 with shared noise reschedule (arXiv 2405.17306, Sec. 3.4) or FreeNoise-style sliding windows (arXiv 2310.15169);
 seamless loops: LVMM's looping guidance (LVMM supplementary, Sec. 3). Several references per run, weights and prompt
-embeddings loaded once. API: load_pipeline() + animate(); CLI: python sample.py --help
+embeddings loaded once. Without a reference: AnimateDiff's own text-to-video (arXiv 2307.04725; every frame from
+noise, cross-frame attention off). API: load_pipeline() + animate(); CLI: python sample.py --help
 """
 import argparse
 import json
@@ -15,6 +16,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,9 +25,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
-from data import plain_warnings, tqdm, write_video
-from model import (DTYPES, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json, save_motion_module,
-                   save_unet)
+from data import exit_on_error, plain_warnings, tqdm, write_video
+from model import (DTYPES, Attention, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json,
+                   save_motion_module, save_unet)
 from vae import VAE, load_vae, save_vae
 
 # ----------------------------------------------------------------------------- DDIM
@@ -101,8 +103,12 @@ PHASED_GAMMA, PHASED_OMEGA = 0.8, 0.2  # arXiv 2405.17306 Sec. 4.1: gamma 0.8 (E
 OVERLAP = 4  # windows: frames shared by neighbouring context windows (AnimateDiff-Evolved's default overlap)
 LONG_MODES = ("phased", "windows", "naive")
 ADAIN_MODES = ("lamp", "post", "off")
-ADAIN = "lamp"  # default: measured on the demo model (README, "How it maps to the paper")
-LOOP_WEIGHT = 0.1  # LVMM's mu for the sum-reduced L1 loss below (measured on the demo model: README)
+ADAIN = "lamp"  # default: measured on the demo model (docs/paper.md, the AdaIN row)
+LOOP_WEIGHT = 0.1  # LVMM's mu for the sum-reduced L1 loss below (measured on the demo model: docs/demo.md)
+# The loop term adds mu sigma_t grad to eps, and the gradient of the sum-reduced L1 loss is about +-1 per element,
+# as large as eps itself at mu = 1. Measured on the tiny random pipeline (25 steps, 8 frames): the loop loss is
+# lowest at mu 0.3-1; at mu = 10 it ends above the unguided run's and the latents grow in proportion to mu.
+LOOP_WEIGHT_MAX = 10.0
 
 
 def context_frames(pipe, context=None):
@@ -174,8 +180,9 @@ def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=No
         raise ValueError(f"--gamma {gamma}: want 0 <= gamma < 1 (the paper: 0.8; 1 would only copy segment 1)")
     if not 0 <= omega < math.inf:
         raise ValueError(f"--omega {omega}: want a finite omega >= 0 (the paper: 0.2)")
-    if not 0 <= loop_weight < math.inf:
-        raise ValueError(f"--loop-weight {loop_weight}: want a finite weight >= 0 (default {LOOP_WEIGHT})")
+    if not 0 <= loop_weight <= LOOP_WEIGHT_MAX:
+        raise ValueError(f"--loop-weight {loop_weight}: want 0 to {LOOP_WEIGHT_MAX:g} (default {LOOP_WEIGHT}; above "
+                         f"{LOOP_WEIGHT_MAX:g} the guidance outweighs the noise prediction)")
     if loop and frames is not None and frames < 3:
         raise ValueError(f"--loop needs --frames 3 or more (it matches the last two frames to the first two), "
                          f"got {frames}")
@@ -346,198 +353,337 @@ def encode_prompt(pipe, prompts):
 # ----------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
-def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidance=7.5, seed=0, height=None,
-            width=None, adain=ADAIN, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
-            context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
-            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0):
-    """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
-    adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
-    rule + post), "off". hist_match: LAMP's RGB histogram matching of frames 2..N to frame 1 after decoding.
-    Frames beyond `context` (default: the training length) use `long`: "phased" (default; arXiv 2405.17306 Sec. 3.4),
-    "windows" (sliding windows, FreeNoise; the default with loop) or "naive" (each segment restarts from the previous
-    one's last frame);
-    with frames <= context every mode is the plain sampler. loop: LVMM's looping guidance with weight loop_weight,
-    its gradient taken through DDIM's x0 formula ("x0") or also through the U-Net ("unet").
-    callback(i, t, latents) runs after every DDIM step on the frames being denoised ([clean first frame; frames]:
-    the whole video, or one phased/naive segment); timing, checks and the final latents land in
-    pipe.info["last_run"]."""
-    s = pipe.info.get("settings", {})
-    height, width = height or s.get("height", 512), width or s.get("width", 512)
-    check_size(height, width)
-    if image is None:  # TEMPORARY (the demo's pretraining run): replaced by the sampler split of issue 22
-        return text_to_video(pipe, prompt, negative_prompt, frames, steps, guidance, seed, height, width, mixed_noise)
-    check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad,
-                   mixed_noise)
+@dataclass
+class Run:
+    """One animate() call: its settings (sampling_plan) and the state its mode functions share."""
+    pipe: Pipeline
+    frames: int  # of the video
+    steps: int
+    guidance: float
+    mode: str  # "plain", or the long mode: "windows", "naive", "phased"
+    context: int  # frames per U-Net call (the training length)
+    f0: int  # 1: frame 1 is the reference E(I), kept clean (FLASH); 0: text-to-video, every frame denoised
+    calls: int  # U-Net calls in all
+    windows: list = ()  # windows: (start, end) over the denoised frames
+    segments: list = ()  # naive / phased: (first, end) video frames of each segment after frame 1
+    split: int = 0  # phased: M, the DDIM steps later segments take from segment 1 (Eq. 9)
+    adain: str = "off"
+    shared_noise: float = 0.0
+    overlap: int = OVERLAP
+    omega: float = PHASED_OMEGA
+    loop: bool = False
+    loop_weight: float = LOOP_WEIGHT
+    loop_grad: str = "x0"
+    callback: object = None
+    log: object = None  # log(line): the time estimate after the first U-Net call
+    ctx: torch.Tensor = None  # prompt embeddings: [negative; prompt] with CFG, else [prompt]
+    z0: torch.Tensor = None  # E(I) (1,4,1,h,w); None in text-to-video
+    done: torch.Tensor = None  # finished latents (1,4,N,h,w); the loop loss reads them
+    g: torch.Generator = None  # CPU generator: the same noise on every device
+    bar: object = None
+    n_calls: int = 0
+    t0: float = 0.0
+    acp: torch.Tensor = None  # the noise schedule, DDIM's timesteps and their stride
+    ts: list = ()
+    dt: int = 0
+
+
+def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=ADAIN, long=None, context=None,
+                  overlap=OVERLAP, gamma=PHASED_GAMMA, loop=False, loop_grad="x0", **settings):
+    """Check the settings and lay out the run: its mode, U-Net calls, windows or segments (no weights touched)."""
     L = context_frames(pipe, context)
-    mode = "plain" if frames <= L else long or ("windows" if loop else "phased")
-    if loop and mode == "phased":  # measured: the loop loss did not move (README, "Longer and looping videos")
+    mode = "plain" if frames <= L else long or ("windows" if loop or text_only else "phased")
+    if text_only and mode in ("naive", "phased"):
+        raise ValueError(f"--long {mode} restarts every segment from a clean frame: text-to-video has none (no "
+                         f"--image); use --long windows")
+    if loop and mode == "phased":  # measured: the loop loss did not move (docs/demo.md, longer and looping videos)
         raise ValueError("--loop with --long phased: later segments re-run only the last, low-noise DDIM steps, too "
                          "late for the loop guidance to act; use --long windows (the default with --loop) or naive")
-    if mode == "windows" and overlap >= L - 1:
-        raise ValueError(f"--overlap {overlap}: want fewer than the {L - 1} frames a window holds besides frame 1")
+    f0 = 0 if text_only else 1
+    if mode == "windows" and overlap >= L - f0:
+        raise ValueError(f"--overlap {overlap}: want fewer than the {L - f0} frames a window holds"
+                         + " besides frame 1" * f0)
     if loop and loop_grad == "unet" and mode == "windows":
         raise ValueError("--loop-grad unet backpropagates through one U-Net call, but --long windows fuses several "
                          "per step: use --loop-grad x0, or --long naive")
-    vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
-    vdt = next(vae.parameters()).dtype
-    img = (image if torch.is_tensor(image) else load_image(image, height, width))[None].to(dev, vdt)  # 1 3 H W
-    ctx = encode_prompt(pipe, [negative_prompt, prompt] if cfg else [prompt])  # CFG batch = [uncond; cond]
-    z0 = vae.encode(img).float()[:, :, None]  # 1 4 1 h w: E(I), the posterior mean
-    g = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on every device
-    down = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
-    shape = (1, vae.config.latent_channels, min(frames, L), height // down, width // down)
-    noise = video_noise(shape, g, mixed_noise)  # the plain sampler's draw in every mode
-    acp, ts, dt = alphas_cumprod().to(dev), ddim_timesteps(steps).tolist(), TRAIN_STEPS // steps
     M = min(math.ceil(round(gamma * steps, 6)), steps - 1)  # Eq. 9: M = ceil(gamma T) shared ("contour") steps
     segments = [(a, min(a + L - 1, frames)) for a in range(1, frames, L - 1)]  # video frames of each segment
-    windows = context_windows(frames - 1, L - 1, overlap) if mode == "windows" else []  # frames 2..N per window
+    windows = context_windows(frames - f0, L - f0, overlap) if mode == "windows" else []  # frames f0..N per window
     calls = dict(plain=steps, windows=steps * len(windows), naive=steps * len(segments),
                  phased=steps + (len(segments) - 1) * (steps - M))[mode]
-    bar = iter(tqdm(range(calls), desc="DDIM" if mode == "plain" else f"DDIM {mode} (U-Net calls)",
-                    disable=not progress))
-    done = torch.zeros(1, shape[1], frames, *shape[3:], device=dev)  # finished latents (the loop loss reads them)
-    done[:, :, :1] = z0
+    return Run(pipe, frames, steps, guidance, mode, L, f0, calls, windows, segments, M, adain, overlap=overlap,
+               loop=loop, loop_grad=loop_grad, **settings)
 
-    def unet(x, t):  # one U-Net call with classifier-free guidance: x = [clean first frame; frames] (1,4,f,h,w)
-        next(bar)
-        eps = pipe.unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
-        if cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        return eps
 
-    def fused(x, t):  # windows: each window = [E(I); its frames]; overlapping predictions fused with pyramid weights
-        eps, total = torch.zeros_like(x), torch.zeros(x.shape[2], device=dev)
-        for a, b in windows:
-            w = pyramid_weights(b - a).to(dev)
-            eps[:, :, 1 + a:1 + b] += w.view(1, 1, -1, 1, 1) * unet(x[:, :, [0, *range(1 + a, 1 + b)]], t)[:, :, 1:]
-            total[1 + a:1 + b] += w
-        return eps / total.clamp(min=1).view(1, 1, -1, 1, 1)  # frame 1's eps (0) is never used
+def guided_eps(unet, x, t, ctx, guidance):
+    """One U-Net call with classifier-free guidance (Ho & Salimans, Eq. 6), both branches in one batch:
+    eps = eps_u + guidance (eps_c - eps_u); ctx = [negative; prompt] embeddings (guidance <= 1: [prompt] alone)."""
+    cfg = guidance > 1
+    eps = unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
+    if cfg:
+        eps_u, eps_c = eps.chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+    return eps
 
-    def denoise(x, first_step, predict, video_frames, split=None):
-        """DDIM steps first_step.. on x = [clean first frame; frames]; video_frames: the frames' indices in the
-        video. Returns x and, at step `split`, the state and its prediction before that step (phased)."""
-        anchor, at_split = x[:, :, :1].clone(), None
-        guide = loop and frames - 1 in video_frames  # the loop term needs frame N's prediction
-        for i in range(first_step, steps):
-            t = ts[i]
-            eps = predict(x, t) if not (guide and loop_grad == "unet") else None
-            if guide:  # LVMM: eps += mu sigma_t grad_{x_t} L_t, L_t on the predicted clean latents of the video
-                with torch.enable_grad():
-                    xg = x.detach().requires_grad_()
-                    eps = predict(xg, t) if eps is None else eps  # "unet": the gradient also flows through eps
-                    x0 = done.clone()  # finished frames enter as constants; frame 1 is E(I)
-                    x0[:, :, video_frames] = predicted_x0(xg, eps, acp[t])[:, :, 1:]
-                    grad = torch.autograd.grad(loop_loss(x0), xg)[0]
-                eps = eps.detach() + loop_weight * (1 - acp[t]).sqrt() * grad  # sigma_t = sqrt(1 - a_t)
-            if i == split:
-                at_split = x.clone(), eps
-            x[:, :, 1:] = ddim_step(x[:, :, 1:], eps[:, :, 1:], t, t - dt, acp)
-            if adain == "lamp":
-                # LAMP's in-loop rule as its code runs it (frames 1-indexed): frame 2 is aligned to frame 1 only late
-                # (its i > 30 of 50, here i > 0.6 steps); frames 3.. are aligned to frame 2 at EVERY step (its
-                # `if f > 1` branch overrides the late one).
-                if i > round(0.6 * steps):
-                    x[:, :, 1:2] = adaptive_instance_norm(x[:, :, 1:2], x[:, :, :1])
-                if x.shape[2] > 2:  # a segment may hold one frame besides frame 1
-                    x[:, :, 2:] = adaptive_instance_norm(x[:, :, 2:], x[:, :, 1:2])
-            x[:, :, :1] = anchor  # frame 1 is never denoised: it stays E(I) (naive: the previous segment's last)
-            if callback is not None:
-                callback(i, t, x)
-        done[:, :, video_frames] = x[:, :, 1:]
-        return x, at_split
 
-    def start(anchor, n):  # [anchor; noise], LAMP's shared noise n_f <- a n_0 + (1 - a) n_f (not renormalised)
-        n = n.clone()
-        n[:, :, 1:] = shared_noise * n[:, :, :1] + (1 - shared_noise) * n[:, :, 1:]
-        n = n.to(dev)
+def unet_call(run, x, t):
+    """guided_eps on x = [clean first frame; frames], counted on the progress bar; the first call (warm-up
+    included, so an upper bound) times the run."""
+    next(run.bar)
+    eps = guided_eps(run.pipe.unet, x, t, run.ctx, run.guidance)
+    run.n_calls += 1
+    if run.n_calls == 1 and run.log is not None:
+        if run.pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        s = time.time() - run.t0
+        run.log(f"{run.calls} U-Net calls of up to {min(run.frames, run.context)} frames; the first took {s:.2f} s: "
+                f"about {duration(s * run.calls)} in all (then the decode)")
+    return eps
+
+
+def duration(s):
+    """seconds -> '0.42 s', '95 s', '12 min', '3.5 h'"""
+    if s < 120:
+        return f"{s:.2g} s" if s < 10 else f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def fused_eps(run, x, t):
+    """windows: each window = [E(I); its frames] (text-to-video: its frames), one U-Net call each; overlapping
+    predictions fused per frame with FreeNoise's pyramid weights."""
+    f0, dev = run.f0, x.device
+    eps, total = torch.zeros_like(x), torch.zeros(x.shape[2], device=dev)
+    for a, b in run.windows:
+        w = pyramid_weights(b - a).to(dev)
+        eps[:, :, f0 + a:f0 + b] += w.view(1, 1, -1, 1, 1) * unet_call(
+            run, x[:, :, [0] * f0 + list(range(f0 + a, f0 + b))], t)[:, :, f0:]
+        total[f0 + a:f0 + b] += w
+    return eps / total.clamp(min=1).view(1, 1, -1, 1, 1)  # frame 1's eps (0) is never used
+
+
+def loop_guided_eps(run, x, t, predict, video_frames):
+    """LVMM: eps += mu sigma_t grad_{x_t} L_t, L_t = loop_loss on the predicted clean latents of the whole video
+    (finished frames enter as constants); the gradient through DDIM's x0 formula only ("x0") or the U-Net too."""
+    eps = predict(run, x, t) if run.loop_grad == "x0" else None
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_()
+        eps = predict(run, xg, t) if eps is None else eps  # "unet": the gradient also flows through eps
+        check_finite(run, eps, "the U-Net's prediction")
+        x0 = run.done.clone()
+        x0[:, :, video_frames] = predicted_x0(xg, eps, run.acp[t])[:, :, run.f0:]
+        grad = torch.autograd.grad(loop_loss(x0), xg)[0]
+    return eps.detach() + run.loop_weight * (1 - run.acp[t]).sqrt() * grad  # sigma_t = sqrt(1 - a_t)
+
+
+def check_finite(run, x, what):
+    """A NaN or inf in the sampler stops the run with the setting that caused it (never a black video)."""
+    if x.is_meta or torch.isfinite(x).all():
+        return
+    if run.loop and run.loop_weight > 0:
+        why = f"--loop-weight {run.loop_weight:g} is too strong here: try the default {LOOP_WEIGHT:g} or lower"
+    elif run.pipe.dtype != torch.float32:
+        why = f"the U-Net runs in {str(run.pipe.dtype)[6:]}: try --dtype fp32"
+    else:
+        why = "the U-Net in fp32 predicts NaN/inf: check the weights (--base, --motion-module, --checkpoint)"
+    raise ValueError(f"non-finite values in {what} during sampling: {why}")
+
+
+def denoise_step(run, x, i, eps):
+    """DDIM step i (Eq. 12, eta 0) on the denoised frames x[:, :, f0:], in place; LAMP's in-loop AdaIN."""
+    t = run.ts[i]
+    x[:, :, run.f0:] = ddim_step(x[:, :, run.f0:], eps[:, :, run.f0:], t, t - run.dt, run.acp)
+    if run.adain == "lamp":
+        # LAMP's in-loop rule as its code runs it (frames 1-indexed): frame 2 is aligned to frame 1 only late (its
+        # i > 30 of 50, here i > 0.6 steps); frames 3.. are aligned to frame 2 at EVERY step (its `if f > 1` branch
+        # overrides the late one).
+        if i > round(0.6 * run.steps):
+            x[:, :, 1:2] = adaptive_instance_norm(x[:, :, 1:2], x[:, :, :1])
+        if x.shape[2] > 2:  # a segment may hold one frame besides frame 1
+            x[:, :, 2:] = adaptive_instance_norm(x[:, :, 2:], x[:, :, 1:2])
+    check_finite(run, x, f"the latents after DDIM step {i + 1}")
+    return x
+
+
+def denoise(run, x, video_frames, predict=unet_call, first_step=0, split=None):
+    """The sampler: DDIM steps first_step.. on x = [clean first frame; frames] (text-to-video: the frames alone);
+    video_frames: the denoised frames' indices in the video. Returns x and, at step `split`, the state and its
+    prediction before that step (phased)."""
+    anchor, at_split = x[:, :, :1].clone(), None
+    guide = run.loop and run.frames - 1 in video_frames  # the loop term needs frame N's prediction
+    for i in range(first_step, run.steps):
+        t = run.ts[i]
+        eps = loop_guided_eps(run, x, t, predict, video_frames) if guide else predict(run, x, t)
+        check_finite(run, eps, f"the noise prediction at DDIM step {i + 1}")
+        if i == split:
+            at_split = x.clone(), eps
+        denoise_step(run, x, i, eps)
+        if run.f0:
+            x[:, :, :1] = anchor  # FLASH: frame 1 is never denoised, it stays E(I) (naive: the previous segment's last)
+        if run.callback is not None:
+            run.callback(i, t, x)
+    run.done[:, :, video_frames] = x[:, :, run.f0:]
+    return x, at_split
+
+
+def start(run, anchor, n):
+    """[anchor; noise] on the device; LAMP's shared noise n_f <- a n_0 + (1 - a) n_f (not renormalised)"""
+    n = n.clone()
+    n[:, :, 1:] = run.shared_noise * n[:, :, :1] + (1 - run.shared_noise) * n[:, :, 1:]
+    n = n.to(run.pipe.device)
+    if anchor is not None:  # text-to-video: frame 1 is noise too
         n[:, :, :1] = anchor
-        return n
+    return n
 
-    t0 = time.time()
-    if mode in ("plain", "windows"):
-        if mode == "windows":  # FreeNoise: frames past the first window reuse shuffled noise of earlier ones
-            noise = torch.cat([noise, noise.new_zeros(*shape[:2], frames - L, *shape[3:])], 2)
-            freenoise_reschedule(noise[:, :, 1:], L - 1, L - 1 - overlap, g)
-        x, _ = denoise(start(z0, noise), 0, fused if mode == "windows" else unet, list(range(1, frames)))
-    elif mode == "naive":  # the baseline of 2405.17306 Sec. 3.4: each segment restarts from the previous last frame
-        anchor = z0
-        for k, (a, b) in enumerate(segments):
-            n = noise if k == 0 else torch.randn((*shape[:2], b - a + 1, *shape[3:]), generator=g)
-            anchor = denoise(start(anchor, n), 0, unet, list(range(a, b)))[0][:, :, -1:].clone()
-        x = done
-    else:  # phased inference with shared noise reschedule (arXiv 2405.17306 Sec. 3.4). Our reading, where the text is
-        # ambiguous: Eq. 9's 1:T counts DDIM steps in sampling order; M = ceil(gamma T) (the text says "upward
-        # rounding", the symbol is a floor), capped at T - 1. Eq. 10's z_t ("noise added to the input image") is
-        # segment 1's state at the split, whose content is the reference's; "t >= M" in Eq. 11 = the rescheduled
-        # noise seeds the re-run steps, which are then plain DDIM. Each later segment = [E(I); the next L - 1
-        # frames]; a last, shorter segment takes segment 1's first frames' contours.
-        # Eq. 9: segment 1 runs all T steps; segments k > 1 reuse its first M steps and re-run steps M+1..T.
-        _, (z_split, n_t) = denoise(start(z0, noise), 0, unet, list(range(1, L)), split=M)
-        a_t = acp[ts[M]]
-        contour = predicted_x0(z_split, n_t, a_t)[:, :, 1:]  # segment 1's clean estimate at the split
-        n_t = n_t[:, :, 1:]  # Eq. 10: n(t) = eps_theta(z_t, t, c), predicted on segment 1's state at the split
-        # Eq. 11: n~_k(t) = n(t) + omega eps_k, eps_k ~ N(0, I), one draw per later segment and frame.
-        # Eq. 12: the later segments' sequences [n~_2, ..., n~_K] laid end to end, then their frames shuffled.
-        seq = torch.cat([n_t + omega * torch.randn(n_t.shape, generator=g).to(dev) for _ in segments[1:]], 2)
-        seq = seq[:, :, torch.randperm(seq.shape[2], generator=g).to(dev)]
-        used = 0
-        for a, b in segments[1:]:  # segment k starts at the split from segment 1's contours + its own noise
-            z = a_t.sqrt() * contour[:, :, :b - a] + (1 - a_t).sqrt() * seq[:, :, used:used + b - a]
-            used += b - a
-            denoise(torch.cat([z0, z], 2), M, unet, list(range(a, b)))
-        x = done
+
+def sample_plain(run, noise):
+    """frames <= context: the whole video in every U-Net call; --long windows: FreeNoise-style sliding windows whose
+    frames past the first window reuse shuffled noise of earlier ones (noise: the first window's draw)."""
+    video_frames = list(range(run.f0, run.frames))
+    if run.mode == "plain":
+        return denoise(run, start(run, run.z0, noise), video_frames)[0]
+    n, f0, L = noise.shape, run.f0, run.context
+    noise = torch.cat([noise, noise.new_zeros(*n[:2], run.frames - L, *n[3:])], 2)
+    freenoise_reschedule(noise[:, :, f0:], L - f0, L - f0 - run.overlap, run.g)
+    return denoise(run, start(run, run.z0, noise), video_frames, fused_eps)[0]
+
+
+def sample_naive(run, noise):
+    """The baseline of arXiv 2405.17306 Sec. 3.4: each segment [anchor; next frames] restarts from the previous
+    segment's last frame as its clean first frame (segment 1: E(I) and the plain sampler's noise)."""
+    anchor, n = run.z0, noise.shape
+    for k, (a, b) in enumerate(run.segments):
+        seg = noise if k == 0 else torch.randn((*n[:2], b - a + 1, *n[3:]), generator=run.g)
+        anchor = denoise(run, start(run, anchor, seg), list(range(a, b)))[0][:, :, -1:].clone()
+    return run.done
+
+
+def sample_phased(run, noise):
+    """Phased inference with shared noise reschedule (arXiv 2405.17306 Sec. 3.4). Our reading, where the text is
+    ambiguous: Eq. 9's 1:T counts DDIM steps in sampling order; M = ceil(gamma T) (the text says "upward rounding",
+    the symbol is a floor), capped at T - 1. Eq. 10's z_t ("noise added to the input image") is segment 1's state at
+    the split, whose content is the reference's; "t >= M" in Eq. 11 = the rescheduled noise seeds the re-run steps,
+    which are then plain DDIM. Each later segment = [E(I); the next L - 1 frames]; a last, shorter segment takes
+    segment 1's first frames' contours."""
+    M, dev = run.split, run.pipe.device
+    # Eq. 9: segment 1 runs all T steps; segments k > 1 reuse its first M steps and re-run steps M+1..T.
+    _, (z_split, n_t) = denoise(run, start(run, run.z0, noise), list(range(1, run.context)), split=M)
+    a_t = run.acp[run.ts[M]]
+    contour = predicted_x0(z_split, n_t, a_t)[:, :, 1:]  # segment 1's clean estimate at the split
+    n_t = n_t[:, :, 1:]  # Eq. 10: n(t) = eps_theta(z_t, t, c), predicted on segment 1's state at the split
+    # Eq. 11: n~_k(t) = n(t) + omega eps_k, eps_k ~ N(0, I), one draw per later segment and frame.
+    # Eq. 12: the later segments' sequences [n~_2, ..., n~_K] laid end to end, then their frames shuffled.
+    seq = torch.cat([n_t + run.omega * torch.randn(n_t.shape, generator=run.g).to(dev) for _ in run.segments[1:]], 2)
+    seq = seq[:, :, torch.randperm(seq.shape[2], generator=run.g).to(dev)]
+    used = 0
+    for a, b in run.segments[1:]:  # segment k starts at the split from segment 1's contours + its own noise
+        z = a_t.sqrt() * contour[:, :, :b - a] + (1 - a_t).sqrt() * seq[:, :, used:used + b - a]
+        used += b - a
+        denoise(run, torch.cat([run.z0, z], 2), list(range(a, b)), first_step=M)
+    return run.done
+
+
+MODES = dict(plain=sample_plain, windows=sample_plain, naive=sample_naive, phased=sample_phased)
+
+
+@contextmanager
+def cross_frame_attention(unet, on):
+    """FLASH's cross-frame attention (every attn1 keys on the first frame, model.first_frame_kv) on or off while the
+    block runs; off = AnimateDiff's own per-frame self-attention (text-to-video)."""
+    layers = [(m, m.cross_frame) for m in unet.modules() if isinstance(m, Attention)]
+    for m, was in layers:
+        m.cross_frame = was and on
+    try:
+        yield
+    finally:
+        for m, was in layers:
+            m.cross_frame = was
+
+
+def encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise):
+    """The prompt's embeddings, E(I) and the initial noise -> run (ctx, z0, done, g, ts); returns the image batch
+    (1,3,H,W) or None, and the noise of the first U-Net call (1,4,min(N, context),h,w)."""
+    pipe, vae = run.pipe, run.pipe.vae
+    dev, vdt = pipe.device, next(vae.parameters()).dtype
+    img = None if image is None else (image if torch.is_tensor(image) else load_image(image, height, width))[None]
+    img = None if img is None else img.to(dev, vdt)  # 1 3 H W
+    run.ctx = encode_prompt(pipe, [negative_prompt, prompt] if run.guidance > 1 else [prompt])  # CFG: [uncond; cond]
+    down = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE downsampling: 8 for SD
+    shape = (1, vae.config.latent_channels, min(run.frames, run.context), height // down, width // down)
+    run.done = torch.zeros(1, shape[1], run.frames, *shape[3:], device=dev)
+    if img is not None:
+        run.z0 = vae.encode(img).float()[:, :, None]  # 1 4 1 h w: E(I), the posterior mean
+        run.done[:, :, :1] = run.z0
+    run.g = torch.Generator().manual_seed(seed)
+    run.acp, run.ts, run.dt = alphas_cumprod().to(dev), ddim_timesteps(run.steps).tolist(), TRAIN_STEPS // run.steps
+    return img, video_noise(shape, run.g, mixed_noise)  # the plain sampler's draw in every mode
+
+
+def decode(pipe, x, img, detail=True):
+    """latents (1,4,F,h,w) -> uint8 frames (F,3,H,W) through the VAE decoder, the Detail Enhancement Decoder fed by
+    the reference's encoder features when it is loaded (and detail, and a reference)."""
+    vae = pipe.vae
+    use_detail = bool(detail and img is not None and pipe.info.get("detail", True) and vae.config.detail)
+    ref = vae.encoder_features(img) if use_detail else None  # computed once, shared by all frames
+    video = vae.decode(x[0].transpose(0, 1).to(next(vae.parameters()).dtype), ref=ref, chunk=4).float()  # F 3 H W
+    bad = [] if video.is_meta else [f for f in range(video.shape[0]) if not torch.isfinite(video[f]).all()]
+    if bad:  # the latents are finite (check_finite): the decoder overflowed
+        raise ValueError(f"NaN/inf in decoded frames {bad[:5]}{' ...' * (len(bad) > 5)}: run the VAE in fp32 "
+                         f"(--vae-dtype fp32)")
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), use_detail  # F 3 H W
+
+
+@torch.no_grad()
+def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidance=7.5, seed=0, height=None,
+            width=None, adain=None, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
+            context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
+            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0, log=None):
+    """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
+    image None: AnimateDiff's own text-to-video (every frame from noise, cross-frame attention off, no AdaIN).
+    adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
+    rule + post; the default with an image), "off". hist_match: LAMP's RGB histogram matching of frames 2..N to
+    frame 1 after decoding. Frames beyond `context` (default: the training length) use `long`: "phased" (default;
+    arXiv 2405.17306 Sec. 3.4), "windows" (sliding windows, FreeNoise; the default with loop and in text-to-video)
+    or "naive" (each segment restarts from the previous one's last frame); with frames <= context every mode is the
+    plain sampler. loop: LVMM's looping guidance with weight loop_weight, its gradient taken through DDIM's x0
+    formula ("x0") or also through the U-Net ("unet"). callback(i, t, latents) runs after every DDIM step on the
+    frames being denoised (the whole video, or one phased/naive segment); log(line) gets the time estimate after
+    the first U-Net call; timing, checks and the final latents land in pipe.info["last_run"]."""
+    text_only, s = image is None, pipe.info.get("settings", {})
+    if text_only and (adain not in (None, "off") or hist_match):
+        raise ValueError(f"--{'hist-match' if hist_match else 'adain ' + str(adain)} aligns frames 2..N to the "
+                         f"reference frame: text-to-video (no --image) has none")
+    adain = ("off" if text_only else ADAIN) if adain is None else adain
+    height, width = height or s.get("height", 512), width or s.get("width", 512)
+    check_size(height, width)  # validate
+    check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad,
+                   mixed_noise)
+    run = sampling_plan(pipe, frames, steps, guidance, text_only, adain, long, context, overlap, gamma, loop,
+                        loop_grad, shared_noise=shared_noise, omega=omega, loop_weight=loop_weight,
+                        callback=callback, log=log)
+    img, noise = encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise)  # encode
+    run.bar = iter(tqdm(range(run.calls), desc="DDIM" if run.mode == "plain" else f"DDIM {run.mode} (U-Net calls)",
+                        disable=not progress))
+    run.t0 = time.time()
+    with cross_frame_attention(pipe.unet, on=not text_only):
+        x = MODES[run.mode](run, noise)  # dispatch
     if adain != "off":  # post-processing (FLASH A3.2, "following LAMP"): every later frame takes frame 1's statistics
         x[:, :, 1:] = adaptive_instance_norm(x[:, :, 1:], x[:, :, :1])
-    for _ in bar:  # closes the progress bar (every call is counted already)
+    for _ in run.bar:  # closes the progress bar (every call is counted already)
         pass
-    if dev.type == "cuda":
+    if pipe.device.type == "cuda":
         torch.cuda.synchronize()
-    denoise_s = time.time() - t0
-    use_detail = bool(detail and pipe.info.get("detail", True) and vae.config.detail)
-    ref = vae.encoder_features(img) if use_detail else None  # computed once, shared by all frames
-    video = vae.decode(x[0].transpose(0, 1).to(vdt), ref=ref, chunk=4).float()  # C F h w -> F C h w -> F 3 H W
-    bad = [f for f in range(frames) if not torch.isfinite(video[f]).all()]
-    if bad:
-        why = "run the VAE in fp32 (--vae-dtype fp32)" if torch.isfinite(x).all() else "NaN latents: try --dtype fp32"
-        print(f"warning: NaN in decoded frames {bad} (set to 0): {why}", file=sys.stderr)
-        video = torch.nan_to_num(video, nan=0.0, posinf=1.0, neginf=-1.0)
-    out = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    denoise_s = time.time() - run.t0
+    video, use_detail = decode(pipe, x, img, detail)  # decode
+    out = video.permute(0, 2, 3, 1).cpu().numpy()  # F 3 H W -> F H W 3
     if hist_match:  # LAMP's inference_script.py: frames 2..N take frame 1's per-channel RGB histogram
         out[1:] = match_histograms(out[1:], out[0])
     black = [f for f in range(frames) if out[f].max() == 0]
     if black:
         print(f"warning: frames {black} are entirely black", file=sys.stderr)
-    pipe.info["last_run"] = dict(denoise_s=denoise_s, detail=use_detail, nan_frames=bad, black_frames=black,
-                                 long=mode, context_frames=L, unet_calls=calls, latents=x.cpu(),
+    pipe.info["last_run"] = dict(denoise_s=denoise_s, detail=use_detail, long=run.mode, context_frames=run.context,
+                                 unet_calls=run.calls, latents=x.cpu(), text_to_video=text_only, black_frames=black,
                                  loop_loss=loop_loss(x).item() if frames >= 3 else None)
     return out
-
-
-@torch.no_grad()
-def text_to_video(pipe, prompt, negative_prompt, frames, steps, guidance, seed, height, width, mixed_noise):
-    """TEMPORARY: AnimateDiff's own mode, every frame from noise, cross-frame attention off"""
-    layers = [m for m in pipe.unet.modules() if hasattr(m, "cross_frame")]
-    was = [m.cross_frame for m in layers]
-    for m in layers:
-        m.cross_frame = False
-    vae, dev, cfg = pipe.vae, pipe.device, guidance > 1
-    ctx = encode_prompt(pipe, [negative_prompt, prompt] if cfg else [prompt])
-    g = torch.Generator().manual_seed(seed)
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    x = video_noise((1, vae.config.latent_channels, frames, height // down, width // down), g, mixed_noise).to(dev)
-    acp, ts, dt = alphas_cumprod().to(dev), ddim_timesteps(steps).tolist(), TRAIN_STEPS // steps
-    for t in ts:
-        eps = pipe.unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
-        if cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        x = ddim_step(x, eps, t, t - dt, acp)
-    for m, w in zip(layers, was):
-        m.cross_frame = w
-    video = vae.decode(x[0].transpose(0, 1).to(next(vae.parameters()).dtype), chunk=4).float()
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -563,7 +709,8 @@ def list_images(paths):
 
 
 def output_paths(args, images, seed, words):
-    """one video path per image: --out itself for one image; for several, --out is a folder of <image name>.mp4"""
+    """one video path per image (text-to-video: images = [None]): --out itself for one image; for several, --out is a
+    folder of <image name>.mp4"""
     stamp = f"samples/{time.strftime('%Y%m%d-%H%M%S')}-{seed}-{words}"
     if len(images) == 1:
         return [Path(args.out or f"{stamp}.mp4")]
@@ -581,9 +728,16 @@ def output_paths(args, images, seed, words):
 
 def check_args(args):
     """Reject impossible settings before any weights are read or anything is written."""
-    list_images(args.image)
-    check_sampling(args.frames, args.steps, args.shared_noise, args.adain, args.long, args.overlap, args.gamma,
-                   args.omega, args.loop, args.loop_weight, args.loop_grad)
+    if args.image:
+        list_images(args.image)
+    elif args.adain not in (None, "off") or args.hist_match:
+        raise ValueError(f"--{'hist-match' if args.hist_match else 'adain ' + args.adain} aligns frames 2..N to the "
+                         f"reference image: text-to-video (no --image) has none")
+    elif args.long in ("naive", "phased"):
+        raise ValueError(f"--long {args.long} restarts every segment from a clean frame: text-to-video has none (no "
+                         f"--image); use --long windows")
+    check_sampling(args.frames, args.steps, args.shared_noise, args.adain or ADAIN, args.long, args.overlap,
+                   args.gamma, args.omega, args.loop, args.loop_weight, args.loop_grad)
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: want a finite scale (FLASH uses 7.5; <= 1 turns CFG off)")
     if args.fps is not None and not args.fps > 0:
@@ -603,10 +757,11 @@ def prompt_words(prompt):
     return "_".join(re.findall(r"[a-z0-9]+", prompt.lower())[:6])[:60] or "video"
 
 
-def run(args):
-    check_args(args)  # fail fast: before any weights are read
-    ckpts = [read_settings(c) for c in args.checkpoint]
-    trained = [(f, s) for f, s in ckpts if s.get("stage", "unet") == "unet"]
+def resolve_args(args):
+    """Fill what the flags leave open from the last unet-stage checkpoint's settings.json (else the defaults) and
+    check everything before any weights are read."""
+    check_args(args)
+    trained = [(f, s) for f, s in map(read_settings, args.checkpoint) if s.get("stage", "unet") == "unet"]
     ck_file, s = trained[-1] if trained else (None, {})
     h, w = args.height or s.get("height", 512), args.width or s.get("width", 512)
     check_size(h, w)
@@ -616,67 +771,112 @@ def run(args):
     caps = s.get("captions") or ([s["prompt"]] if s.get("prompt") else [])  # what the checkpoint trained on
     if args.prompt is None and len(caps) > 1:  # joint training: the action to animate must be named
         raise ValueError(f"--prompt is required: checkpoint {ck_file} learnt {len(caps)} captions: {'; '.join(caps)}")
-    prompt = args.prompt if args.prompt is not None else (caps[0] if caps else None)
-    if prompt is None:
+    args.prompt = args.prompt if args.prompt is not None else (caps[0] if caps else None)
+    if args.prompt is None:
         raise ValueError("--prompt is required (no --checkpoint with a training prompt was given)")
-    frames, fps = args.frames or s.get("frames", 16), args.fps or s.get("fps", 8)
-    check_sampling(frames, loop=args.loop)
-    base, mm = args.base or s.get("base"), args.motion_module or s.get("motion_module")
-    if not base:
+    args.height, args.width, args.frames, args.fps = h, w, args.frames or s.get("frames", 16), args.fps or s.get(
+        "fps", 8)
+    check_sampling(args.frames, loop=args.loop)
+    args.base, args.motion_module = args.base or s.get("base"), args.motion_module or s.get("motion_module")
+    if not args.base:
         raise ValueError("--base is required: an SD-1.5 diffusers folder or single-file checkpoint")
-    for what, p in (("base model", base), ("motion module", mm)):
+    for what, p in (("base model", args.base), ("motion module", args.motion_module)):
         if p and not os.path.exists(p):
             raise FileNotFoundError(f"{what} not found: {p}")
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    files = list_images(args.image)
-    images = [load_image(f, h, w) for f in files]  # an unreadable image fails here, still before the weights
-    outs = output_paths(args, files, seed, prompt_words(prompt))
-    pipe = load_pipeline(base, mm, args.checkpoint, args.device, args.dtype, not args.no_detail, args.tokenizer,
-                         args.vae_dtype)  # weights once; the prompt's embeddings once (encode_prompt's cache)
+    args.mixed_noise = s.get("mixed_noise", 0.0) if args.mixed_noise is None else args.mixed_noise
+    args.adain = args.adain or (ADAIN if args.image else "off")
+    args.seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+
+
+def plan_line(args, plan, videos):
+    """What the run will do, before it starts: U-Net calls (the time: unet_call times the first one) and memory."""
+    how = "" if plan.mode == "plain" else f" ({plan.mode})"
+    frames_gib = args.frames * 3 * args.height * args.width * 5 / 2**30  # fp32 on the device + uint8 on the host
+    return (f"plan: {videos} video(s) of {args.frames} frames {args.height}x{args.width}"
+            f"{' from text alone' * (not args.image)}: {plan.calls} U-Net calls of up to "
+            f"{min(args.frames, plan.context)} frames "
+            f"each{how}, CFG batch of {2 if args.guidance > 1 else 1}; the decoded frames take {frames_gib:.2g} GiB"
+            f" (check memory first: python sample.py --estimate-memory ...)")
+
+
+def sidecar(args, pipe, file, out, secs):
+    """The JSON written beside every video: settings, weights, what the run did."""
+    last = pipe.info["last_run"]
+    return dict(image=None if file is None else os.path.abspath(file),
+                mode="image-to-video" if file is not None else "text-to-video", prompt=args.prompt,
+                negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps, guidance=args.guidance,
+                seed=args.seed, height=args.height, width=args.width, fps=args.fps, adain=args.adain,
+                hist_match=args.hist_match, shared_noise=args.shared_noise, mixed_noise=args.mixed_noise,
+                long=last["long"], context_frames=last["context_frames"], unet_calls=last["unet_calls"],
+                overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
+                loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
+                detail=last["detail"], device=str(pipe.device), dtype=str(pipe.dtype)[6:],
+                detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
+                vae_dtype=args.vae_dtype, out=str(out),
+                sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
+                motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
+                weights=dict(base=os.path.abspath(args.base), motion_module=pipe.info.get("motion_file"),
+                             tokenizer=pipe.info["tokenizer"], checkpoints=pipe.info["checkpoints"]),
+                checkpoint_settings=pipe.info["settings"], black_frames=last["black_frames"])
+
+
+def run(args):
+    resolve_args(args)  # fail fast: before any weights are read
+    files = list_images(args.image) if args.image else [None]  # None: text-to-video
+    images = [f if f is None else load_image(f, args.height, args.width) for f in files]  # unreadable: fails now
+    outs = output_paths(args, files, args.seed, prompt_words(args.prompt))
+    pipe = load_pipeline(args.base, args.motion_module, args.checkpoint, args.device, args.dtype, not args.no_detail,
+                         args.tokenizer, args.vae_dtype)  # weights once; the prompt's embeddings once
     if args.no_detail_full_res:
         pipe.vae.full_res_attention(False)
-    long = dict(long=args.long, context=args.context_frames, overlap=args.overlap, gamma=args.gamma,
-                omega=args.omega, loop=args.loop, loop_weight=args.loop_weight, loop_grad=args.loop_grad,
-                hist_match=args.hist_match, mixed_noise=s.get("mixed_noise", 0.0) if args.mixed_noise is None
-                else args.mixed_noise)
-    for file, image, out in zip(files, images, outs):
+    kw = dict(adain=args.adain, shared_noise=args.shared_noise, detail=not args.no_detail, long=args.long,
+              context=args.context_frames, overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
+              loop_weight=args.loop_weight, loop_grad=args.loop_grad, hist_match=args.hist_match,
+              mixed_noise=args.mixed_noise)
+    plan = sampling_plan(pipe, args.frames, args.steps, args.guidance, not args.image, args.adain, args.long,
+                         args.context_frames, args.overlap, args.gamma, args.loop, args.loop_grad)
+    print(plan_line(args, plan, len(files)), flush=True)
+    for i, (file, image, out) in enumerate(zip(files, images, outs)):
         if pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        video = animate(pipe, image, prompt, args.negative_prompt, frames, args.steps, args.guidance, seed, h, w,
-                        args.adain, args.shared_noise, not args.no_detail, **long)
+        video = animate(pipe, image, args.prompt, args.negative_prompt, args.frames, args.steps, args.guidance,
+                        args.seed, args.height, args.width, log=print if i == 0 else None, **kw)
         secs, last = time.time() - t0, pipe.info["last_run"]
-        write_video(video, out, fps)
-        meta = dict(image=os.path.abspath(file), prompt=prompt, negative_prompt=args.negative_prompt,
-                    frames=frames, steps=args.steps, guidance=args.guidance, seed=seed, height=h, width=w, fps=fps,
-                    adain=args.adain, hist_match=args.hist_match, shared_noise=args.shared_noise,
-                    mixed_noise=long["mixed_noise"],
-                    long=last["long"], context_frames=last["context_frames"], unet_calls=last["unet_calls"],
-                    overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
-                    loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
-                    detail=last["detail"], device=str(pipe.device), dtype=str(pipe.dtype)[6:],
-                    detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
-                    vae_dtype=args.vae_dtype, out=str(out),
-                    sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
-                    motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
-                    weights=dict(base=os.path.abspath(base), motion_module=pipe.info.get("motion_file"),
-                                 tokenizer=pipe.info["tokenizer"], checkpoints=pipe.info["checkpoints"]),
-                    checkpoint_settings=pipe.info["settings"], nan_frames=last["nan_frames"])
+        write_video(video, out, args.fps)
         side = out.with_suffix(".json") if out.suffix.lower() in (".mp4", ".mov", ".mkv", ".gif") else \
             Path(f"{out}.json")
-        side.write_text(json.dumps(meta, indent=2))
+        side.write_text(json.dumps(sidecar(args, pipe, file, out, secs), indent=2))
         mem = f" | peak GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if pipe.device.type == "cuda" else ""
         how = "" if last["long"] == "plain" else f", {last['long']} over {last['context_frames']}-frame U-Net calls"
-        print(f"saved {out} | {frames}x{h}x{w} @ {fps:g} fps{how} | {secs:.1f} s, "
+        print(f"saved {out} | {args.frames}x{args.height}x{args.width} @ {args.fps:g} fps{how} | {secs:.1f} s, "
               f"{last['unet_calls'] / max(last['denoise_s'], 1e-9):.2f} U-Net calls/s{mem}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="FLASH (arXiv 2503.00276): animate a reference image into a video.")
+def estimate_memory(args):
+    """--estimate-memory: memory.estimate for these flags (and a checkpoint's settings.json defaults, if given);
+    no weights read. The detail decoder counts when a decoder-stage checkpoint is given."""
+    import memory  # memory.py sits on top of sample.py (it runs its sampler on meta tensors)
+    check_args(args)
+    settings = [read_settings(c)[1] for c in args.checkpoint]
+    s = next((s for s in reversed(settings) if s.get("stage", "unet") == "unet"), {})
+    detail = not args.no_detail and any(s.get("stage") == "decoder" for s in settings)
+    e = memory.estimate("sample", frames=args.frames or s.get("frames", 16), height=args.height or s.get("height", 512),
+                        width=args.width or s.get("width", 512), dtype="bf16" if args.dtype == "auto" else args.dtype,
+                        vae_dtype=args.vae_dtype, guidance=args.guidance, detail=detail, context=args.context_frames,
+                        text_only=not args.image)
+    print(memory.report(e))
+    return e
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="FLASH (arXiv 2503.00276): animate a reference image into a video "
+                                            "(without --image: AnimateDiff's text-to-video).")
     # inputs
-    p.add_argument("--image", required=True, nargs="+",
+    p.add_argument("--image", nargs="+",
                    help="reference image(s) = frame 1, or folders of them (any size/mode; scaled + centre-cropped); "
-                        "one video + JSON each")
+                        "one video + JSON each. Without --image: AnimateDiff's own text-to-video (every frame from "
+                        "noise, cross-frame attention off, no AdaIN)")
     p.add_argument("--prompt", help="text prompt (default: the checkpoint's caption; needed if it learnt several)")
     p.add_argument("--negative-prompt", default="", help="prompt of the unconditional CFG branch")
     # weights
@@ -692,9 +892,9 @@ def main(argv=None):
     p.add_argument("--height", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")
     p.add_argument("--force-size", action="store_true", help="allow a size other than the checkpoint's")
-    p.add_argument("--adain", default=ADAIN, choices=ADAIN_MODES,
-                   help="AdaIN on the latents: post = frames 2..N take frame 1's statistics after denoising (the "
-                        "paper's text); lamp = LAMP's in-loop rule + post; off")
+    p.add_argument("--adain", choices=ADAIN_MODES,
+                   help=f"AdaIN on the latents: post = frames 2..N take frame 1's statistics after denoising (the "
+                        f"paper's text); lamp = LAMP's in-loop rule + post; off (default: {ADAIN}; text-to-video off)")
     p.add_argument("--hist-match", action="store_true",
                    help="match each frame's RGB histogram to frame 1 after decoding (LAMP's inference script)")
     p.add_argument("--shared-noise", type=float, default=0.0, help="LAMP shared-noise alpha (LAMP: 0.2; 0 = off)")
@@ -717,7 +917,10 @@ def main(argv=None):
                    help="phased: share of the DDIM steps later segments take from segment 1 (Eq. 9)")
     p.add_argument("--omega", type=float, default=PHASED_OMEGA, help="phased: noise added in the reschedule (Eq. 11)")
     p.add_argument("--loop", action="store_true", help="LVMM's looping guidance: the end matches the start")
-    p.add_argument("--loop-weight", type=float, default=LOOP_WEIGHT, help="looping guidance weight mu")
+    p.add_argument("--loop-weight", type=float, default=LOOP_WEIGHT,
+                   help=f"looping guidance weight mu, 0 to {LOOP_WEIGHT_MAX:g}: the loop term mu sigma_t grad is "
+                        f"as large as the noise prediction at mu 1; measured on a tiny model, the loop loss is lowest "
+                        f"at 0.3-1 and at {LOOP_WEIGHT_MAX:g} ends worse than without guidance")
     p.add_argument("--loop-grad", default="x0", choices=["x0", "unet"],
                    help="loop gradient through DDIM's x0 formula only (x0) or also through the U-Net (unet)")
     # output and runtime
@@ -727,18 +930,17 @@ def main(argv=None):
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="U-Net dtype")
     p.add_argument("--vae-dtype", default="fp32", choices=["fp32", "bf16"], help="VAE dtype")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except torch.cuda.OutOfMemoryError:
-        msg = ("CUDA out of memory: try fewer --frames, a smaller --height/--width, or --vae-dtype bf16 (check first: "
-               "python bench.py --estimate sample ...)")
-    except (OSError, ValueError) as e:  # missing/unreadable files, bad sizes, mismatched weights: one line
-        msg = " ".join(str(e).split())
-    else:
-        return
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the peak GPU memory these settings need (memory.py: meta tensors, no weights read, "
+                        "no GPU) and exit")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    return exit_on_error(estimate_memory if args.estimate_memory else run, args, oom=(
+        "CUDA out of memory: try fewer --frames or --context-frames, a smaller --height/--width, or --vae-dtype bf16 "
+        "(check first: python sample.py --estimate-memory ...)"))
 
 
 if __name__ == "__main__":

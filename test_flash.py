@@ -27,6 +27,7 @@ import bench as B
 import data
 import demo
 import eval as E
+import memory as MEM
 import model as M
 import sample as S
 import train as T
@@ -396,6 +397,37 @@ def cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # several run in parallel on 2 cores
     return subprocess.Popen([sys.executable, "sample.py", *map(str, args)], cwd=HERE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
+
+
+# Every sampler mode on the tiny random pipeline (fp32, CPU, one thread), 6-frame U-Net calls, 3 DDIM steps: the
+# SHA-256 of the final latents and of the uint8 frames, recorded on the code before sample.animate was split into
+# one function per mode (issue 22). A change of these bits is a change of behaviour.
+SAMPLER_CASES = {
+    "plain": dict(frames=6), "adain post": dict(frames=6, adain="post"), "adain off": dict(frames=6, adain="off"),
+    "shared noise": dict(frames=6, shared_noise=0.2), "mixed noise": dict(frames=6, mixed_noise=0.3),
+    "hist match": dict(frames=6, hist_match=True), "no cfg": dict(frames=6, guidance=1.0),
+    "loop x0": dict(frames=6, loop=True), "loop unet": dict(frames=6, loop=True, loop_grad="unet"),
+    "windows": dict(frames=12, long="windows", overlap=2),
+    "windows loop mixed": dict(frames=12, long="windows", overlap=2, loop=True, mixed_noise=0.3, shared_noise=0.2),
+    "naive": dict(frames=12, long="naive"), "naive loop unet": dict(frames=12, long="naive", loop=True,
+                                                                    loop_grad="unet", adain="post"),
+    "naive mixed": dict(frames=12, long="naive", mixed_noise=0.3),
+    "phased": dict(frames=12), "phased mixed post": dict(frames=12, long="phased", mixed_noise=0.3, adain="post",
+                                                         shared_noise=0.2),
+}
+
+
+def sampler_hashes(cases=SAMPLER_CASES):
+    pipe = tiny_pipeline(seed=1)
+    pipe.info["settings"] = {"frames": 6}
+    image = torch.rand(3, 32, 32, generator=gen(0)) * 2 - 1
+    out = {}
+    for name, kw in cases.items():
+        video = S.animate(pipe, image, "wave", steps=3, height=32, width=32, seed=5, progress=False, **kw)
+        lat = pipe.info["last_run"]["latents"].contiguous().numpy()
+        assert pipe.info["last_run"]["long"] == (kw.get("long", "phased") if kw["frames"] > 6 else "plain"), name
+        out[name] = hashlib.sha256(lat.tobytes() + video.tobytes()).hexdigest()[:16]
+    return out
 
 
 # ----------------------------------------------------------------------------- train.py helpers
@@ -1905,6 +1937,114 @@ class TestSample:
             assert meta["adain"] == "lamp" and meta["hist_match"] and meta["unet_calls"] == 2 * 3
             assert meta["gamma"] == 0.8 and meta["omega"] == 0.2 and meta["seed"] == 3
 
+    def test_text_to_video_matches_animatediff_pipeline(self, written):
+        """image=None is AnimateDiff's own text-to-video: diffusers' AnimateDiffPipeline (its DDIM scheduler as
+        AnimateDiff's configs set it, CFG 7.5) on the same U-Net + motion-module files, the same initial latents and
+        prompt embeddings, gives the same final latents; FLASH's cross-frame attention is off for the run only."""
+        diffusers = pytest.importorskip("diffusers")
+        d, unet2d, adapter = written
+        unet = M.load_unet(d / "sd", d / "adapter").eval()
+        assert unet.config.cross_frame
+        te = randomize_(CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), 3)
+        pipe = S.Pipeline(unet, randomize_(VAE(VAEConfig(**VAE_TINY)), 4), te, Tokenizer(*byte_vocab()),
+                          torch.device("cpu"), torch.float32)
+        dp = diffusers.AnimateDiffPipeline(
+            vae=df_vae(), text_encoder=None, tokenizer=None, unet=motion_oracle(unet2d, adapter),
+            motion_adapter=adapter, scheduler=diffusers.DDIMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False))
+        dp.set_progress_bar_config(disable=True)
+        ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
+        kw = dict(frames=5, steps=4, guidance=7.5, seed=3, height=64, width=96)
+        for mixed in (0.0, 0.3):  # PYoCo's mixed prior: the same draw over every frame (none is a reference)
+            S.animate(pipe, None, "a person waving", "blurry", progress=False, mixed_noise=mixed, **kw)
+            ours, last = pipe.info["last_run"]["latents"], pipe.info["last_run"]
+            assert last["text_to_video"] and last["long"] == "plain" and not last["detail"]
+            assert all(m.cross_frame for n, m in unet.named_modules() if n.endswith("attn1"))  # switched back on
+            g = gen(kw["seed"])  # PYoCo Eq. 4 by hand: sqrt(s) * one draw shared by all frames + sqrt(1 - s) * own
+            own, shared = torch.randn((1, 4, 5, 8, 12), generator=g), torch.randn((1, 4, 1, 8, 12), generator=g)
+            noise = mixed ** 0.5 * shared + (1 - mixed) ** 0.5 * own if mixed else own
+            with torch.no_grad():
+                want = dp(prompt_embeds=ctx[1:], negative_prompt_embeds=ctx[:1], num_frames=5, height=64, width=96,
+                          num_inference_steps=4, guidance_scale=7.5, latents=noise.clone(), output_type="latent").frames
+            assert want.shape == ours.shape and not torch.allclose(want, noise, atol=1e-2)
+            assert rel_err(ours, want) <= 1e-4, (mixed, rel_err(ours, want))
+
+    def test_non_finite_sampling_names_its_cause(self, monkeypatch):
+        """A NaN/inf in the sampler stops it with one ValueError naming the setting (the loop weight, else the
+        dtype, else the weights) instead of decoding a black video; loop weights outside 0..10 are refused."""
+        pipe = tiny_pipeline(seed=1)
+        image = torch.rand(3, 32, 32, generator=gen(0)) * 2 - 1
+        kw = dict(frames=4, steps=2, height=32, width=32, progress=False)
+        with pytest.raises(ValueError, match=r"--loop-weight 11\.0: want 0 to 10"):
+            S.animate(pipe, image, "wave", loop=True, loop_weight=11.0, **kw)
+        monkeypatch.setattr(S, "LOOP_WEIGHT_MAX", 1e31)  # past the range check: the sampler's own guard
+        with pytest.raises(ValueError, match=r"non-finite values in .* --loop-weight 1e\+30 is too strong"):
+            S.animate(pipe, image, "wave", loop=True, loop_weight=1e30, **kw)
+        with torch.no_grad():
+            pipe.unet.conv_out.bias[0] = float("nan")
+        with pytest.raises(ValueError, match="noise prediction at DDIM step 1 .* fp32 predicts NaN/inf: check the"):
+            S.animate(pipe, image, "wave", **kw)
+        pipe.dtype = torch.bfloat16  # what the message names for a half-precision U-Net
+        with pytest.raises(ValueError, match="the U-Net runs in bfloat16: try --dtype fp32"):
+            S.animate(pipe, image, "wave", **kw)
+
+    def test_text_to_video_long_windows_and_what_it_refuses(self):
+        """Past the training length text-to-video runs FreeNoise windows over all frames (no reference to restart
+        segments from: naive and phased are refused); AdaIN and histogram matching need the reference."""
+        pipe = tiny_pipeline(seed=1)
+        pipe.info["settings"] = {"frames": 6}
+        kw = dict(steps=2, height=32, width=32, progress=False, seed=0)
+        sizes = []
+        hook = pipe.unet.register_forward_hook(lambda m, a, o: sizes.append(a[0].shape[2]))
+        video = S.animate(pipe, None, "wave", frames=14, overlap=2, **kw)
+        hook.remove()
+        last = pipe.info["last_run"]
+        windows = S.context_windows(14, 6, 2)  # all 14 frames in 6-frame windows, no clean frame in any
+        assert video.shape == (14, 32, 32, 3) and last["long"] == "windows" and sizes == [6] * 2 * len(windows)
+        assert last["unet_calls"] == 2 * len(windows)
+        for mode in ("naive", "phased"):
+            with pytest.raises(ValueError, match=f"--long {mode} restarts every segment"):
+                S.animate(pipe, None, "wave", frames=14, long=mode, **kw)
+        for bad, match in ((dict(adain="lamp"), "--adain lamp aligns"), (dict(hist_match=True), "--hist-match")):
+            with pytest.raises(ValueError, match=match):
+                S.animate(pipe, None, "wave", frames=4, **bad, **kw)
+
+    def test_cli_text_to_video_plan_line_and_rough_edges(self, sd, tmp_path):
+        common = ["--base", sd, "--motion-module", sd / "motion_module.safetensors", "--prompt", "wave", "--height", H,
+                  "--width", W, "--steps", 2, "--device", "cpu", "--seed", 1]
+        procs = {"t2v": cli(*common, "--frames", 6, "--out", tmp_path / "t.mp4"),
+                 "loop": cli(*common, "--image", sd / "ref.png", "--loop", "--loop-weight", "1e30",
+                             "--out", tmp_path / "l.mp4"),
+                 "naive": cli(*common, "--frames", 40, "--long", "naive", "--out", tmp_path / "n.mp4"),
+                 "adain": cli(*common, "--adain", "lamp", "--out", tmp_path / "a.mp4")}
+        res = {k: p.communicate(timeout=180) for k, p in procs.items()}
+        assert procs["t2v"].returncode == 0, res["t2v"][1]
+        out = res["t2v"][0]  # before the run: its U-Net calls; after the first call: the time it will take
+        assert "plan: 1 video(s) of 6 frames 64x96 from text alone: 2 U-Net calls" in out
+        assert re.search(r"2 U-Net calls of up to 6 frames; the first took [0-9.]+ s: about [0-9.e+-]+ s in all", out)
+        meta = json.loads((tmp_path / "t.json").read_text())
+        assert meta["image"] is None and meta["mode"] == "text-to-video" and meta["adain"] == "off"
+        assert (tmp_path / "t.mp4").stat().st_size > 0
+        for k, match in (("loop", "--loop-weight 1e+30: want 0 to 10"), ("naive", "--long naive restarts"),
+                         ("adain", "--adain lamp aligns")):
+            err = res[k][1]
+            assert procs[k].returncode == 2 and err.startswith(f"error: {match}") and err.count("\n") == 1, err
+            assert not (tmp_path / f"{k[0]}.mp4").exists()
+
+    def test_sampler_bits_unchanged_in_every_mode(self):
+        # recorded on the unsplit sampler (commit d125dce), torch 2.13 CPU, one thread; a new torch or CPU kernel
+        # may move the last bit: then re-record on the old commit with sampler_hashes()
+        recorded = {
+            "plain": "71b1b6b6023fc9d0", "adain post": "98d91011847584d2", "adain off": "14efd6fea928ebfc",
+            "shared noise": "01c6bdb25e3c4a95", "mixed noise": "d4d91baf126f5553", "hist match": "5acfcef2c794f400",
+            "no cfg": "130f07007e73fd8c", "loop x0": "26125291f3edca47", "loop unet": "b7249d96bba37ce5",
+            "windows": "dd358de37e483ca6", "windows loop mixed": "9df7d0e1ccab65ba", "naive": "7d2bd1d993938105",
+            "naive loop unet": "1c86596fe5ad4a38", "naive mixed": "254d0c73b4d2b349", "phased": "b8ee8e03b8054bd5",
+            "phased mixed post": "1ae3edb529736ede"}
+        got = sampler_hashes()
+        assert len(set(recorded.values())) == len(recorded)  # every case is a different computation
+        assert {k: v for k, v in got.items() if v != recorded[k]} == {}
+
     def test_demo_measure_long_smoke(self, fast_run, tmp_path):
         refs, starts = demo.make_demo_references(1, demo.SIZE, seed=1000)
         table = demo.measure_long(fast_run["pipe"], refs, starts, tmp_path, frames=20, steps=2)
@@ -2449,7 +2589,7 @@ class TestDemo:
         build = json.loads((demo.BASE / "build.json").read_text())
         files = [p for p in demo.BASE.rglob("*") if p.is_file() and p.name != "build.json"]
         assert sorted(str(p.relative_to(demo.BASE)) for p in files) == sorted(build["sha256"])
-        for p in files:  # the weights in git are the ones the README's hash names
+        for p in files:  # the weights in git are the ones build.json (and docs/demo.md) name
             assert hashlib.sha256(p.read_bytes()).hexdigest() == build["sha256"][str(p.relative_to(demo.BASE))], p
         assert sum(p.stat().st_size for p in demo.BASE.rglob("*")) <= 20 * 2**20
         for stage, (first, last) in build["losses"].items():
@@ -2630,6 +2770,11 @@ class TestBench:
         assert "diffusers_s" not in r and "ratio" not in r and r["ours_s"] > 0
         assert "diffusers absent" in capsys.readouterr().out
 
+
+# ====================================================================================================
+class TestMemory:
+    """memory.py: the peak-GPU-memory estimate (meta tensors) and its three command lines"""
+
     def test_estimate_attention_by_hand(self):
         """LiveBytes on one attention module (meta tensors, trainable fp32 weights), against a hand count: the fused
         kernel keeps q, k, v (the projections), its output and a float32 logsumexp per query and head (plus an 8-byte
@@ -2640,14 +2785,14 @@ class TestBench:
         with torch.device("meta"):
             attn, x = M.Attention(C, h), torch.empty(N, L, C)
         act = "activations, workspace"
-        with B.LiveBytes(block=1) as track:
+        with MEM.LiveBytes(block=1) as track:
             for q in [x, *attn.parameters()]:
                 track.add(q, "given")
             y = attn(x)
             assert track.kinds[act] == 5 * N * L * C * 4 + N * h * L * 4 + 16
             assert track.kinds[act] < N * h * L * L * 4  # the math path's scores alone would exceed it
             assert track.flops == 4 * 2 * N * L * C * C + 2 * 2 * N * h * L * L * (C // h)
-        with B.LiveBytes(block=1) as track, B.MetaAutocast(torch.bfloat16):
+        with MEM.LiveBytes(block=1) as track, MEM.MetaAutocast(torch.bfloat16):
             for q in [x, *attn.parameters()]:
                 track.add(q, "given")
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -2667,14 +2812,14 @@ class TestBench:
         unet, mm, trainable, vae, clip = 859_520_964, 453_209_280, 477_990_080, 83_653_863, 123_060_480
         channels = 2 * (320 + 640 + 1280 + 1280) + 1280 + 3 * (1280 + 1280 + 640 + 320)
         pe = 2 * 32 * channels * 2  # bf16, as the U-Net
-        e = B.estimate("train", train=B.train_args("unet", 2, 64, 64), block=1)
+        e = MEM.estimate("train", train=MEM.train_args("unet", 2, 64, 64), block=1)
         got = e["at_peak"]
         assert e["phase"] == "AdamW step" and e["trainable_params"] == trainable
         assert got["frozen weights"] == 2 * (unet + mm - trainable) + pe + 4 * vae
         assert got["trainable (fp32)"] == got["gradients"] == 4 * trainable
         assert got["AdamW state"] == 2 * 4 * trainable
         assert 4 * trainable <= got["activations, workspace"] < 4 * trainable * 1.01
-        e = B.estimate("sample", frames=2, height=64, width=64, detail=False, block=1)
+        e = MEM.estimate("sample", frames=2, height=64, width=64, detail=False, block=1)
         assert e["at_peak"]["frozen weights"] == 2 * (unet + mm) + pe + 4 * (vae + clip)
 
     def test_estimate_cli(self, tmp_path, capsys):
@@ -2693,6 +2838,64 @@ class TestBench:
         r = subprocess.run([sys.executable, str(HERE / "bench.py"), *sample[:-2], "--width", "60"], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.startswith("error: --width 60") and r.stderr.count("\n") == 1
+
+    def test_estimate_memory_on_train_and_sample_equals_bench(self, tmp_path, capsys):
+        """train.py / sample.py --estimate-memory print the estimate for exactly their flags without reading any
+        weights or videos (none are given), with the numbers of bench.py --estimate for the same flags; sample.py's
+        follows its own plan past the context length (phased over 8-frame calls here) and its text-to-video mode."""
+        same = lambda a, b: {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items()
+                                                                              if k != "seconds"}
+        flags = ["--frames", "2", "--height", "64", "--width", "64", "--no-gradient-checkpointing"]
+        t = T.main(["--estimate-memory", *flags])
+        assert "memory estimate: training step, unet stage" in capsys.readouterr().out
+        assert same(t, B.main(["--estimate", "train", *flags]))
+        Image.new("RGB", (64, 64)).save(tmp_path / "ref.png")
+        flags = ["--frames", "20", "--height", "64", "--width", "64", "--context-frames", "8", "--vae-dtype", "bf16"]
+        s = S.main(["--estimate-memory", "--image", str(tmp_path / "ref.png"), *flags])
+        assert "(phased, " in s["what"] and same(s, B.main(["--estimate", "sample", "--no-detail", *flags]))
+        s = S.main(["--estimate-memory", *flags])  # no --image: text-to-video, windows over all 20 frames
+        assert "(windows, " in s["what"] and same(s, B.main(["--estimate", "sample", "--no-detail", "--text-only",
+                                                            *flags]))
+
+
+# ====================================================================================================
+class TestRepo:
+    """the repository's own rules: a README a newcomer takes in, a paper map that names real functions, short
+    functions in the core files"""
+
+    def test_readme_short_and_its_links_exist(self):
+        text = (HERE / "README.md").read_text()
+        assert len(text.splitlines()) <= 150
+        links = re.findall(r"(?<!!)\[[^\]]*\]\(([^)#:]+)\)", text)  # relative links, not images or URLs
+        assert {"docs/paper.md", "docs/demo.md", "docs/performance.md", "docs/tests.md"} <= set(links)
+        assert [link for link in links if not (HERE / link).exists()] == []
+
+    def test_paper_map_names_functions_that_exist(self):
+        """In docs/paper.md every `name` after a `file.py` (same table cell or index line) is defined in that file."""
+        missing, checked = [], 0
+        for line in (HERE / "docs/paper.md").read_text().splitlines():
+            cells = line.split("|")[1:3] if line.startswith("|") else [line]
+            for cell in cells:
+                file = None
+                for token in re.findall(r"`([^`]+)`", cell):
+                    if token.endswith(".py"):  # ours; others' (LAMP's inference_script.py) are not checked
+                        file = (HERE / token).read_text() if (HERE / token).exists() else None
+                    elif file and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)?", token):
+                        name = token.split(".")[-1]
+                        checked += 1
+                        if not re.search(rf"(def|class) {name}\b|\b{name}\s*(:[^=\n]*)?=", file):
+                            missing.append(token)
+        assert checked >= 30 and missing == []
+
+    def test_core_functions_at_most_80_lines(self):
+        import ast
+        long = []
+        for name in ("model", "vae", "clip_text", "data", "train", "sample"):
+            for node in ast.walk(ast.parse((HERE / f"{name}.py").read_text())):
+                if isinstance(node, ast.FunctionDef) and node.name != "get_parser":  # argparse builders exempt
+                    n = node.end_lineno - node.lineno + 1
+                    long += [f"{name}.{node.name}: {n}"] if n > 80 else []
+        assert long == []
 
 
 if __name__ == "__main__":

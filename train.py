@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 
 import torch
@@ -25,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from data import (clip_stride, decoder_distort, load_videos, plain_warnings, sample_clip, strong_augment, tqdm,
-                  write_video)
+from data import (clip_stride, decoder_distort, exit_on_error, load_videos, plain_warnings, sample_clip,
+                  strong_augment, tqdm, write_video)
 from model import autocast_dtype, read_json
 from sample import (alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, prompt_words,
                     video_noise)
@@ -95,6 +94,9 @@ def get_parser():
     p.add_argument("--sample-image", help="reference image for periodic samples")
     p.add_argument("--sample-every", type=int, default=0, help="steps between samples (0 = only at the end)")
     p.add_argument("--sample-steps", type=int, default=25)
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the peak GPU memory of one training step with these flags (memory.py: meta tensors, "
+                        "no weights or videos read, no GPU; --dtype default bf16) and exit")
     return p
 
 
@@ -393,9 +395,20 @@ def check_writable(path, flag):
         raise PermissionError(f"{flag} {path}: cannot create it ({parent} is not a writable folder)")
 
 
+def estimate_memory(args):
+    """--estimate-memory: memory.estimate of this step, the numbers of bench.py --estimate train with these flags."""
+    import memory  # memory.py sits on top of train.py (it runs train.py's step on meta tensors)
+    args.dtype = args.dtype or "bf16"
+    e = memory.estimate("train", dtype=args.dtype, train=memory.train_settings(args))
+    print(memory.report(e))
+    return e
+
+
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
+    if args.estimate_memory:
+        return estimate_memory(args)
     if args.resume:  # the run's saved settings become the defaults; flags given now override them
         saved = read_json(os.path.join(find_checkpoint(args.resume), "settings.json"))
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(args)})
@@ -423,12 +436,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     plain_warnings()
-    try:
-        main()
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; try --frames 8, a smaller --height/--width, or keep gradient "
-              "checkpointing on (check first: python bench.py --estimate train ...)", file=sys.stderr)
-        sys.exit(2)
-    except (OSError, ValueError) as e:  # missing/unreadable files, bad settings, mismatched weights: one line
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_error(main, oom="out of GPU memory; try --frames 8, a smaller --height/--width, or keep gradient "
+                            "checkpointing on (check first: python train.py --estimate-memory ...)")
