@@ -180,7 +180,8 @@ class UpdateBlock(nn.Module):
             setattr(g, f"conv{gate}1", nn.Conv2d(cin, hidden, (1, 5), padding=(0, 2)))
             setattr(g, f"conv{gate}2", nn.Conv2d(cin, hidden, (5, 1), padding=(2, 0)))
         self.flow_head = nn.Module()
-        self.flow_head.conv1, self.flow_head.conv2 = nn.Conv2d(hidden, 256, 3, padding=1), nn.Conv2d(256, 2, 3, padding=1)
+        self.flow_head.conv1 = nn.Conv2d(hidden, 256, 3, padding=1)
+        self.flow_head.conv2 = nn.Conv2d(256, 2, 3, padding=1)
         self.mask = nn.Sequential(nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 64 * 9, 1))
 
     def forward(self, h, context, corr, flow):
@@ -511,6 +512,8 @@ def video_features(nets, videos, args, device, dtype, desc):
 def score(args, p, device, dtype):
     """-> {variant: {n_videos, cosine_rgb, cosine_flow: {mean, std}, cd_fvd, cd_fvd_note, videos: [rows]}}"""
     nets = {k: n.to(device) for k, n in p["nets"].items()}
+    if "videomae" in nets and dtype != torch.float32:  # ViT-g: 2 GB of bf16 weights instead of 4 GB fp32 + a cast
+        nets["videomae"].to(dtype)
     real = video_features(nets, p["real"], args, device, dtype, "real videos")
     real_of = dict(zip(p["real"], range(len(p["real"]))))
     result = {}
