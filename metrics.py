@@ -37,10 +37,10 @@ def read_weights(path):
     return sd
 
 
-def load_net(module, path, what):
-    """Strict load of `path` into `module`; BatchNorm's num_batches_tracked counters (present in some files only,
-    unused in eval) are skipped on purpose. A file of another network is named as such."""
-    sd = {k: v for k, v in read_weights(path).items() if not k.endswith("num_batches_tracked")}
+def load_net(module, path, what, sd=None):
+    """Strict load of `path` (or its already read `sd`) into `module`; BatchNorm's num_batches_tracked counters
+    (present in some files only, unused in eval) are skipped on purpose. A file of another network is named as such."""
+    sd = {k: v for k, v in (sd or read_weights(path)).items() if not k.endswith("num_batches_tracked")}
     keys = [k for k in module.state_dict() if not k.endswith("num_batches_tracked")]
     if sd and not set(sd) & set(keys):
         raise ValueError(f"{path}: not a {what} checkpoint (none of its {len(sd)} keys is one of {what}'s, e.g. "
@@ -433,8 +433,12 @@ def load_nets(args):
         nets["i3d_flow"] = load_net(I3D(2), args.i3d_flow, "I3D-flow")
         nets["raft"] = load_net(RAFT(), args.raft, "RAFT")
     if args.videomae:
-        sd = {k: v for k, v in read_weights(args.videomae).items()}
-        nets["videomae"] = load_net(VideoMAE(vit_config(sd, args.videomae_heads)), args.videomae, "VideoMAE v2")
+        sd = read_weights(args.videomae)  # read once: the ViT-g file is 4 GB
+        try:
+            cfg = vit_config(sd, args.videomae_heads)
+        except ValueError as e:
+            raise ValueError(f"{args.videomae}: {e}") from None
+        nets["videomae"] = load_net(VideoMAE(cfg), args.videomae, "VideoMAE v2", sd)
     return nets
 
 
@@ -477,9 +481,14 @@ def plan(args, variants, find_videos):
     real = find_videos(args.real)
     cosines = args.i3d_rgb or args.i3d_flow
     pairs = pair_by_stem(variants, real) if cosines else {n: [(v, None) for v in vs] for n, vs in variants.items()}
-    shapes = {}
+    shapes, short = {}, []
     for v in {p for ps in pairs.values() for pair in ps for p in pair if p is not None} | set(real):
-        shapes[v] = read_video(v)[0].shape[1:3]
+        frames = read_video(v)[0]
+        shapes[v] = frames.shape[1:3]
+        short += [v.name] if len(frames) < args.motion_frames else []
+    if short:
+        warnings.warn(f"{len(short)} video(s) shorter than --motion-frames {args.motion_frames} (e.g. {short[0]}): "
+                      f"their last frame is repeated")
     for gen, ref in (p for ps in pairs.values() for p in ps if p[1] is not None):
         (h, w), (rh, rw) = shapes[gen], shapes[ref]
         if abs(h / w - rh / rw) > 0.01 * h / w:
