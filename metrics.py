@@ -12,6 +12,7 @@ VisionTransformer of that code at another size). Where the paper is silent each 
 """
 import argparse
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -251,6 +252,31 @@ class RAFT(nn.Module):
         return upsample(c1 - c0, mask.float())[..., pad[2]:pad[2] + H, pad[0]:pad[0] + W]
 
 
+TORCHVISION_RAFT = [  # torchvision's raft_large names -> princeton-vl's (the same network, layer for layer)
+    (r"^feature_encoder\.", "fnet."), (r"^context_encoder\.", "cnet."), (r"net\.convnormrelu\.0\.", "net.conv1."),
+    (r"net\.convnormrelu\.1\.", "net.norm1."), (r"\.convnormrelu([12])\.0\.", r".conv\1."),
+    (r"\.convnormrelu([12])\.1\.", r".norm\1."), (r"^([fc])net\.conv\.", r"\1net.conv2."),
+    (r"motion_encoder\.convcorr(\d)\.0\.", r"encoder.convc\1."),
+    (r"motion_encoder\.convflow(\d)\.0\.", r"encoder.convf\1."),
+    (r"motion_encoder\.conv\.0\.", "encoder.conv."), (r"recurrent_block\.convgru(\d)\.conv(\w)\.", r"gru.conv\2\1."),
+    (r"^mask_predictor\.convrelu\.0\.", "update_block.mask.0."), (r"^mask_predictor\.conv\.", "update_block.mask.2.")]
+
+
+def raft_state_dict(sd):
+    """princeton-vl's raft-things.pth keys as they are; torchvision's raft_large keys (feature_encoder.*, ...)
+    renamed, their downsample norms also under princeton-vl's second name norm3"""
+    if not any(k.startswith("feature_encoder.") for k in sd):
+        return sd
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in TORCHVISION_RAFT:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+        if ".downsample.1." in k:
+            out[k.replace(".downsample.1.", ".norm3.")] = v
+    return out
+
+
 def upsample(flow, mask):
     """Convex upsampling x8: each fine pixel is a softmax-weighted mix of its coarse 3x3 neighbourhood"""
     n, _, h, w = flow.shape
@@ -431,7 +457,7 @@ def load_nets(args):
         nets["i3d_rgb"] = load_net(I3D(3), args.i3d_rgb, "I3D-RGB")
     if args.i3d_flow:
         nets["i3d_flow"] = load_net(I3D(2), args.i3d_flow, "I3D-flow")
-        nets["raft"] = load_net(RAFT(), args.raft, "RAFT")
+        nets["raft"] = load_net(RAFT(), args.raft, "RAFT", raft_state_dict(read_weights(args.raft)))
     if args.videomae:
         sd = read_weights(args.videomae)  # read once: the ViT-g file is 4 GB
         try:

@@ -2715,6 +2715,52 @@ def ptlflow_raft():
     return mod
 
 
+def torchvision_raft():
+    """torchvision's models/optical_flow/raft.py from the unpacked wheel in .oracles/ (.ci/run puts it there; never
+    installed: torchvision's package __init__ does not import next to the CPU torch, and transformers would find it).
+    The package __init__s are skipped; the few helpers raft.py imports for its weight registry are stubbed."""
+    root = HERE / ".oracles" / "torchvision" / "torchvision"
+    if not (root / "models/optical_flow/raft.py").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{root}: torchvision's sources missing (.ci/run unpacks the torchvision==0.28.0 wheel there)")
+        pytest.skip("torchvision's sources not unpacked in .oracles/ (see .ci/run)")
+
+    class WeightsEnum(__import__("enum").Enum):
+        @classmethod
+        def verify(cls, w):
+            return w
+
+    def module(name, path=None, file=None, **attrs):
+        if file:
+            spec = importlib.util.spec_from_file_location(name, root / file)
+            mod = sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        mod = sys.modules[name] = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        if path is not None:
+            mod.__path__ = [str(root / path)]
+        return mod
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("torchvision")}
+    try:
+        module("torchvision", "")
+        module("torchvision.utils", file="utils.py")
+        module("torchvision.ops", Conv2dNormActivation=module("torchvision.ops.misc", file="ops/misc.py")
+               .Conv2dNormActivation)
+        module("torchvision.transforms", "transforms")
+        module("torchvision.transforms._presets", OpticalFlow=object)
+        module("torchvision.models", "models")
+        module("torchvision.models._api", register_model=lambda *a, **k: (lambda f: f), Weights=dict,
+               WeightsEnum=WeightsEnum)
+        module("torchvision.models._utils", handle_legacy_interface=lambda **k: (lambda f: f))
+        module("torchvision.models.optical_flow", "models/optical_flow")
+        return module("torchvision.models.optical_flow.raft", file="models/optical_flow/raft.py")
+    finally:
+        for k in [k for k in sys.modules if k.startswith("torchvision")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
 def videomae_oracle():
     return oracle_module("cdfvd", "third_party/VideoMAEv2/videomaev2_finetune.py", "oracle_videomae")
 
@@ -2794,6 +2840,21 @@ class TestMetrics:
             got = ours(a, b, iters=3)
         print(f"RAFT relative max diff (3 iterations, 128x160): {rel_err(got, want):.1e}")
         assert rel_err(got, want) <= 1e-4 and got.shape == (2, 2, 128, 160) and want.abs().max() > 1
+
+    def test_raft_torchvision_layout_matches_torchvision(self, tmp_path):
+        tv = torchvision_raft()
+        ref = random_net(tv.raft_large(), 13)
+        torch.save(ref.state_dict(), tmp_path / "raft_large.pth")  # torchvision's file: a plain state dict
+        sd = MX.raft_state_dict(MX.read_weights(tmp_path / "raft_large.pth"))
+        ours = MX.load_net(MX.RAFT(), tmp_path / "raft_large.pth", "RAFT", sd)
+        a, b = (255 * torch.rand(1, 3, 128, 160, generator=gen(i)) for i in (14, 15))
+        with torch.no_grad():
+            want = ref(2 * a / 255 - 1, 2 * b / 255 - 1, num_flow_updates=3)[-1]
+            got = ours(a, b, iters=3)
+        print(f"RAFT (torchvision layout) relative max diff: {rel_err(got, want):.1e}")
+        assert rel_err(got, want) <= 1e-4 and want.abs().max() > 1
+        with torch.device("meta"):
+            assert sum(p.numel() for p in tv.raft_large().parameters()) == 5_257_536
 
     def test_videomae_matches_reference_vit(self, tmp_path):
         vm = videomae_oracle()
