@@ -523,24 +523,30 @@ def plan(args, variants, find_videos):
     return dict(pairs=pairs, real=real, nets=load_nets(args))
 
 
+def batch_features(nets, clips, args, device, out):
+    """uint8 clips [(1,T,H,W,3)] -> one call per network; features appended to out[metric] (float64, CPU)"""
+    if "i3d_rgb" in nets:
+        x = torch.cat([i3d_input(c) for c in clips]).to(device)
+        out["i3d_rgb"].append(nets["i3d_rgb"].features(x, args.i3d_features).double().cpu())
+    if "i3d_flow" in nets:
+        x = flow_input(nets["raft"], torch.cat([resize(c) for c in clips]).to(device), args.flow_bound, args.raft_iters)
+        out["i3d_flow"].append(nets["i3d_flow"].features(x, args.i3d_features).double().cpu())
+    if "videomae" in nets:
+        x = torch.cat([videomae_input(clip(c[0], nets["videomae"].config.frames)[None]) for c in clips])
+        out["videomae"].append(nets["videomae"].features(x.to(device)).double().cpu())
+
+
 @torch.no_grad()
 def video_features(nets, videos, args, device, dtype, desc):
-    """[video paths] -> {metric: (N, D) float64 features}, args.metric_batch videos per network call"""
-    out = {k: [] for k in ("i3d_rgb", "i3d_flow", "videomae") if k in nets}
-    steps = range(0, len(videos), args.metric_batch)
-    for i in tqdm(steps, desc=desc, disable=len(steps) < 2):
-        clips = [clip(read_video(v)[0], args.motion_frames)[None] for v in videos[i:i + args.metric_batch]]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if "i3d_rgb" in nets:
-                x = torch.cat([i3d_input(c) for c in clips]).to(device)
-                out["i3d_rgb"].append(nets["i3d_rgb"].features(x, args.i3d_features).double().cpu())
-            if "i3d_flow" in nets:
-                x = flow_input(nets["raft"], torch.cat([resize(c) for c in clips]).to(device), args.flow_bound,
-                               args.raft_iters)
-                out["i3d_flow"].append(nets["i3d_flow"].features(x, args.i3d_features).double().cpu())
-            if "videomae" in nets:
-                x = torch.cat([videomae_input(clip(c[0], nets["videomae"].config.frames)[None]) for c in clips])
-                out["videomae"].append(nets["videomae"].features(x.to(device)).double().cpu())
+    """[video paths] -> {metric: (N, D) float64 features}; a progress bar over the videos, args.metric_batch of
+    them per network call, under autocast in `dtype` (fp32: off)"""
+    out, clips = {k: [] for k in ("i3d_rgb", "i3d_flow", "videomae") if k in nets}, []
+    for i, video in enumerate(tqdm(videos, desc=desc, disable=len(videos) < 2)):
+        clips.append(clip(read_video(video)[0], args.motion_frames)[None])
+        if len(clips) == args.metric_batch or i == len(videos) - 1:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                batch_features(nets, clips, args, device, out)
+            clips = []
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -2942,6 +2942,19 @@ class TestMetrics:
         out = MX.flow_input(fake, video, bound=20)
         assert torch.equal(out[0, :, :, 0, 0], torch.tensor([[0.5] * 3, [-1.0] * 3]))
 
+    def test_batched_features_equal_one_by_one(self, tmp_path):
+        """--metric-batch: videos of different sizes and lengths batched give each video's own features"""
+        rng = np.random.default_rng(4)
+        videos = []
+        for i, (t, h, w) in enumerate([(12, 40, 56), (7, 32, 32), (16, 50, 30)]):
+            videos.append(tmp_path / f"v{i}.gif")
+            data.write_video(rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8), videos[-1])
+        vit = random_net(MX.VideoMAE(MX.ViTConfig(dim=32, depth=1, heads=4, mlp=64, num_classes=5)), 16)
+        feats = [MX.video_features({"videomae": vit}, videos, argparse.Namespace(metric_batch=b, motion_frames=10),
+                                   torch.device("cpu"), torch.float32, "test")["videomae"] for b in (1, 2)]
+        assert feats[0].shape == (3, 32) and torch.allclose(feats[0], feats[1], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(feats[0][0], feats[0][1], atol=1e-3)
+
     def test_cli_end_to_end_every_layout(self, tmp_path, capsys):
         """Two variants (Table 2 rows): 'same' = the ground truth itself, 'shuffled' = its frames out of order;
         random weights in the public layouts (a .pt state dict, DataParallel .pth, wrapped VideoMAE .pth,
