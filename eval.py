@@ -223,13 +223,13 @@ def run(args):
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise PermissionError(f"--out {out}: cannot write there ({parent} is not a writable folder)")
+    if args.clip and not Path(args.clip).is_dir():
+        raise FileNotFoundError(f"--clip {args.clip}: folder not found (want {CLIP_LAYOUT})")
     motion = metrics.plan(args, {n: [v for p in ps for v in find_videos(p)] for n, ps in groups}, find_videos)
     if not args.clip and not motion:
         raise ValueError("nothing to score: give --clip (CLIP metrics) and/or the motion metrics' weights")
     if not args.clip:
         return run_motion(args, motion, out, {"variants": {n: {} for n, _ in groups}})
-    if not Path(args.clip).is_dir():
-        raise FileNotFoundError(f"--clip {args.clip}: folder not found (want {CLIP_LAYOUT})")
     todo, refs = [], {}  # every input is read once before CLIP loads: a bad one fails in seconds, not at video 200
     for name, paths in groups:
         for video in (v for p in paths for v in find_videos(p)):
@@ -261,7 +261,6 @@ def run(args):
                     + [(f"mean ± std over {len(r['videos'])} videos", "", stats(r))])
     else:  # one row per variant (Table 2)
         print_table("variant", "videos", [(n, v["n_videos"], stats(v)) for n, v in variants.items()])
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"settings": settings(args, device, dtype), "variants": variants}
     if motion:
         return run_motion(args, motion, out, result)

@@ -1223,7 +1223,7 @@ class TestEval:
             assert p.returncode == 0, err
         E.main(list(map(str, ["--videos", tmp_path / "sample", "--clip", folder, "--out", tmp_path / "s.json"])))
         out = capsys.readouterr().out
-        assert "Text Alignment" in out and "mean ± std over 2 videos" in out and "CD-FVD are not implemented" in out
+        assert "Text Alignment" in out and "mean ± std over 2 videos" in out and "Cosine RGB" not in out
         res = json.loads((tmp_path / "s.json").read_text())
         rows = res["variants"]["videos"]["videos"]
         assert [Path(r["video"]).name for r in rows] == ["a.mp4", "pngs"]
@@ -2955,16 +2955,17 @@ class TestMetrics:
         assert feats[0].shape == (3, 32) and torch.allclose(feats[0], feats[1], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(feats[0][0], feats[0][1], atol=1e-3)
 
-    def test_cli_end_to_end_every_layout(self, tmp_path, capsys):
+    def test_cli_end_to_end_every_layout(self, clip_dir, tmp_path, capsys):
         """Two variants (Table 2 rows): 'same' = the ground truth itself, 'shuffled' = its frames out of order;
         random weights in the public layouts (a .pt state dict, DataParallel .pth, wrapped VideoMAE .pth,
-        safetensors)"""
+        safetensors); the CLIP metrics in the same run, each video's scores side by side"""
         d = tmp_path
         rng = np.random.default_rng(3)
         base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
         video = np.stack([np.roll(base, (t, 3 * t), (0, 1)) for t in range(10)])
         for sub, v in [("real", video), ("same", video), ("shuffled", video[rng.permutation(10)])]:
             data.write_video(v, d / sub / "a")  # a folder of PNG frames: lossless
+        Image.fromarray(base).save(d / "ref.png")
         from safetensors.torch import save_file as save
         raft = random_net(MX.RAFT(), 11)
         with torch.no_grad():
@@ -2978,7 +2979,8 @@ class TestMetrics:
             E.main(["--compare", f"same={d / 'same'}", f"shuffled={d / 'shuffled'}", "--real", str(d / "real"),
                     "--i3d-rgb", str(d / "rgb.safetensors"), "--i3d-flow", str(d / "flow_imagenet.pt"), "--raft",
                     str(d / "raft.pth"), "--videomae", str(d / "vit.pth"), "--videomae-heads", "4",
-                    "--motion-frames", "10", "--raft-iters", "1", "--out", str(d / "scores.json")])
+                    "--motion-frames", "10", "--raft-iters", "1", "--out", str(d / "scores.json"), "--clip",
+                    str(clip_dir[1]), "--prompt", "a pattern drifts", "--reference", str(d / "ref.png")])
         out = capsys.readouterr().out
         res = json.loads((d / "scores.json").read_text())["variants"]
         same, shuffled = res["same"], res["shuffled"]
@@ -2986,6 +2988,9 @@ class TestMetrics:
         assert shuffled["cosine_flow"]["mean"] < 99.9 and shuffled["cosine_rgb"]["mean"] < 100 - 1e-6
         assert abs(same["cd_fvd"]) < 1e-6 and shuffled["cd_fvd"] > 1e-3 and "can" in same["cd_fvd_note"]
         assert "Cosine Flow" in out and "same (1 videos)" in out and "shuffled (1 videos)" in out
+        assert "Text Alignment" in out and "text_alignment" in same and "temporal_consistency" in shuffled
+        row = same["videos"][0]  # one row per video: CLIP's scores and the motion ones
+        assert {"text_alignment", "cosine_rgb", "cosine_flow"} <= set(row) and row["real"].endswith("a")
 
     def test_cli_errors(self, tmp_path):
         d = tmp_path
