@@ -336,13 +336,17 @@ def main(argv=None):
                    help="CLIP autocast dtype (auto: bf16/fp16 on a GPU, fp32 on CPU)")
     m = p.add_argument_group("motion metrics (App. A3.3; metrics.py; docs/metrics.md): each runs when its inputs "
                              "are given")
-    m.add_argument("--real", help="ground-truth videos: paired with the generated ones by file stem for the cosines; "
-                                  "the real set of CD-FVD")
-    m.add_argument("--i3d-rgb", help="I3D RGB weights (pytorch-i3d rgb_imagenet.pt, cd-fvd i3d_pretrained_400.pt): "
-                                     "Cosine RGB")
-    m.add_argument("--i3d-flow", help="I3D flow weights (pytorch-i3d flow_imagenet.pt): Cosine Flow, with --raft")
-    m.add_argument("--raft", help="RAFT weights (princeton-vl raft-things.pth): the flow of Cosine Flow")
-    m.add_argument("--videomae", help="VideoMAE v2 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth): CD-FVD")
+    m.add_argument("--real", metavar="DIR",
+                   help="ground-truth videos: paired with the generated ones by file stem for the cosines; the real "
+                        "set of CD-FVD")
+    m.add_argument("--i3d-rgb", metavar="FILE",
+                   help="I3D RGB weights (pytorch-i3d rgb_imagenet.pt, cd-fvd i3d_pretrained_400.pt): Cosine RGB")
+    m.add_argument("--i3d-flow", metavar="FILE",
+                   help="I3D flow weights (pytorch-i3d flow_imagenet.pt): Cosine Flow, with --raft")
+    m.add_argument("--raft", metavar="FILE",
+                   help="RAFT-large weights (princeton-vl raft-things.pth, or torchvision raft_large): the flow of "
+                        "Cosine Flow")
+    m.add_argument("--videomae", metavar="FILE", help="VideoMAE v2 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth): CD-FVD")
     m.add_argument("--videomae-heads", type=int, default=16, help="attention heads of that ViT (not stored in it)")
     m.add_argument("--motion-frames", type=int, default=16, help="frames per video for I3D/RAFT (the first ones)")
     m.add_argument("--i3d-features", default="logits", choices=["logits", "pool"],
