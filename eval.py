@@ -3,7 +3,7 @@ FLASH evaluation (arXiv 2503.00276, Sec. 4.1 / App. A3.3): the paper's three CLI
 with OpenAI's CLIP ViT-L/14: Text Alignment (frames vs prompt), Image Alignment (frames vs reference image), Temporal
 Consistency (consecutive frames), all cosines of CLIP's projected, L2-normalised embeddings. The ViT is hand-written
 with transformers' CLIPModel key names (models/clip/modeling_clip.py); the text tower is clip_text.py's. The paper's
-I3D Cosine RGB / Flow and CD-FVD are not implemented. CLI: python eval.py --help
+motion metrics (I3D Cosine RGB / Flow with RAFT, VideoMAE v2 CD-FVD) live in metrics.py. CLI: python eval.py --help
 """
 import argparse
 import json
@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import metrics
 from clip_text import CLIPLayer, CLIPTextConfig, CLIPTextModel, load_tokenizer
 from data import FRAME_EXTS, VIDEO_EXTS, exit_on_error, plain_warnings, read_video, to_uint8, tqdm
 from model import autocast_dtype, find_weights, load_checked, load_state_dict_file, read_json
@@ -221,8 +222,13 @@ def run(args):
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise PermissionError(f"--out {out}: cannot write there ({parent} is not a writable folder)")
-    if not Path(args.clip).is_dir():
+    if args.clip and not Path(args.clip).is_dir():
         raise FileNotFoundError(f"--clip {args.clip}: folder not found (want {CLIP_LAYOUT})")
+    motion = metrics.plan(args, {n: [v for p in ps for v in find_videos(p)] for n, ps in groups}, find_videos)
+    if not args.clip and not motion:
+        raise ValueError("nothing to score: give --clip (CLIP metrics) and/or the motion metrics' weights")
+    if not args.clip:
+        return run_motion(args, motion, out, {"variants": {n: {} for n, _ in groups}})
     todo, refs = [], {}  # every input is read once before CLIP loads: a bad one fails in seconds, not at video 200
     for name, paths in groups:
         for video in (v for p in paths for v in find_videos(p)):
@@ -254,12 +260,42 @@ def run(args):
                     + [(f"mean ± std over {len(r['videos'])} videos", "", stats(r))])
     else:  # one row per variant (Table 2)
         print_table("variant", "videos", [(n, v["n_videos"], stats(v)) for n, v in variants.items()])
+    result = {"settings": settings(args, device, dtype), "variants": variants}
+    if motion:
+        return run_motion(args, motion, out, result)
+    write_json(out, result)
+
+
+def write_json(out, result):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps({"settings": settings(args, device, dtype), "variants": variants}, indent=2,
-                              ensure_ascii=False))
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     os.replace(tmp, out)  # never a half-written file
-    print(f"wrote {out} (CLIP metrics only: the paper's I3D Cosine RGB/Flow and CD-FVD are not implemented)")
+    print(f"wrote {out}")
+
+
+def run_motion(args, motion, out, result):
+    """metrics.py's Cosine RGB / Cosine Flow (per video) and CD-FVD (per set), added to the CLIP result"""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = autocast_dtype(args.dtype, device)
+    scores = metrics.score(args, motion, device, dtype)
+    cols = [(k, n) for k, n in (("cosine_rgb", "Cosine RGB"), ("cosine_flow", "Cosine Flow"), ("cd_fvd", "CD-FVD"))
+            if any(k in v for v in scores.values())]
+    cell = lambda v: "" if v is None else f"{v['mean']:.2f} ± {v['std']:.2f}" if isinstance(v, dict) else f"{v:.2f}"
+    rows = [(x["video"], [x.get(k) for k, _ in cols]) for x in scores["videos"]["videos"]] if args.videos else []
+    rows += [(f"{n} ({v['n_videos']} videos)", [v.get(k) for k, _ in cols]) for n, v in scores.items()]
+    w = max(len(r[0]) for r in rows)
+    print(f"{'video' if args.videos else 'variant':<{w}}  " + "  ".join(f"{n:>16}" for _, n in cols))
+    for label, vals in rows:
+        print(f"{label:<{w}}  " + "  ".join(f"{cell(v):>16}" for v in vals))
+    result["motion_settings"] = metrics.settings(args, device, dtype)
+    for name, v in scores.items():
+        clip_rows = result["variants"][name].pop("videos", None)
+        result["variants"][name].update({k: x for k, x in v.items() if k != "videos"})
+        if clip_rows:  # one row per video: the CLIP scores and the motion ones side by side
+            v["videos"] = [{**c, **m} for c, m in zip(clip_rows, v["videos"])]
+        result["variants"][name]["videos"] = v["videos"]
+    write_json(out, result)
 
 
 def settings(args, device, dtype):
@@ -285,7 +321,7 @@ def get_parser():
     g.add_argument("--videos", nargs="+", help="video files (mp4, gif, ...), folders of them, or folders of frames")
     g.add_argument("--compare", nargs="+", metavar="NAME=PATH",
                    help="one variant per item (Table 2 style): a folder or video, optionally named (default: its name)")
-    p.add_argument("--clip", required=True, help=f"OpenAI clip-vit-large-patch14 folder ({CLIP_LAYOUT})")
+    p.add_argument("--clip", help=f"OpenAI clip-vit-large-patch14 folder ({CLIP_LAYOUT}): the CLIP metrics")
     p.add_argument("--prompt", help="text prompt of every video (default: from sample.py's JSON beside each video)")
     p.add_argument("--reference", help="reference image of every video (default: from sample.py's JSON)")
     p.add_argument("--out", default="clip_scores.json", help="JSON with every video's scores and the settings")
@@ -296,12 +332,33 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=32, help="frames per CLIP call")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="CLIP autocast dtype (auto: bf16/fp16 on a GPU, fp32 on CPU)")
+                   help="CLIP and motion-metric autocast dtype (auto: bf16/fp16 on a GPU, fp32 on CPU)")
+    m = p.add_argument_group("motion metrics (App. A3.3; metrics.py; docs/metrics.md): each runs when its inputs "
+                             "are given")
+    m.add_argument("--real", metavar="DIR",
+                   help="ground-truth videos: paired with the generated ones by file stem for the cosines; the real "
+                        "set of CD-FVD")
+    m.add_argument("--i3d-rgb", metavar="FILE",
+                   help="I3D RGB weights (pytorch-i3d rgb_imagenet.pt, cd-fvd i3d_pretrained_400.pt): Cosine RGB")
+    m.add_argument("--i3d-flow", metavar="FILE",
+                   help="I3D flow weights (pytorch-i3d flow_imagenet.pt): Cosine Flow, with --raft")
+    m.add_argument("--raft", metavar="FILE",
+                   help="RAFT-large weights (princeton-vl raft-things.pth, or torchvision raft_large): the flow of "
+                        "Cosine Flow")
+    m.add_argument("--videomae", metavar="FILE", help="VideoMAE v2 weights (vit_g_hybrid_pt_1200e_ssv2_ft.pth): CD-FVD")
+    m.add_argument("--videomae-heads", type=int, default=16, help="attention heads of that ViT (not stored in it)")
+    m.add_argument("--motion-frames", type=int, default=16, help="frames per video for I3D/RAFT (the first ones)")
+    m.add_argument("--i3d-features", default="logits", choices=["logits", "pool"],
+                   help="I3D features compared: the 400 logits (cd-fvd's FVD features) or the 1024-d average pool")
+    m.add_argument("--flow-bound", type=float, default=20.0, help="flow (pixels at 224²) / this, clipped to [-1, 1]")
+    m.add_argument("--raft-iters", type=int, default=20, help="RAFT refinement iterations")
+    m.add_argument("--metric-batch", type=int, default=4, help="videos per I3D/RAFT/VideoMAE call")
     return p
 
 
 def main(argv=None):
-    exit_on_error(run, get_parser().parse_args(argv), oom="CUDA out of memory: try a smaller --batch-size")
+    exit_on_error(run, get_parser().parse_args(argv),
+                  oom="CUDA out of memory: try a smaller --batch-size (CLIP) or --metric-batch (I3D, RAFT, VideoMAE)")
 
 
 if __name__ == "__main__":

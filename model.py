@@ -445,8 +445,9 @@ def load_state_dict_file(path):
                          f"python -c \"import torch,safetensors.torch as s; d=torch.load('{path}',weights_only=False)"
                          f"; d=d.get('state_dict',d); s.save_file({{k:v.contiguous() for k,v in d.items() "
                          f"if torch.is_tensor(v)}}, 'converted.safetensors')\"") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
+    for key in ("state_dict", "model", "module"):  # wrappers: Lightning's; DeiT/VideoMAE-style training checkpoints'
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: holds a {type(sd).__name__}, not a dict of weights")
     return {k: v for k, v in sd.items() if torch.is_tensor(v)}

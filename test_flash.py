@@ -1255,7 +1255,7 @@ class TestEval:
             assert p.returncode == 0, err
         E.main(list(map(str, ["--videos", tmp_path / "sample", "--clip", folder, "--out", tmp_path / "s.json"])))
         out = capsys.readouterr().out
-        assert "Text Alignment" in out and "mean ± std over 2 videos" in out and "CD-FVD are not implemented" in out
+        assert "Text Alignment" in out and "mean ± std over 2 videos" in out and "Cosine RGB" not in out
         res = json.loads((tmp_path / "s.json").read_text())
         rows = res["variants"]["videos"]["videos"]
         assert [Path(r["video"]).name for r in rows] == ["a.mp4", "pngs"]
@@ -2896,6 +2896,390 @@ class TestRepo:
                     n = node.end_lineno - node.lineno + 1
                     long += [f"{name}.{node.name}: {n}"] if n > 80 else []
         assert long == []
+
+
+
+# ====================================================================================================
+# metrics.py (App. A3.3's Cosine RGB / Cosine Flow / CD-FVD) against the reference code: cd-fvd's copies of
+# pytorch-i3d, VideoMAE v2 and its Fréchet distance, and ptlflow's copy of princeton-vl's RAFT. Both packages are
+# installed without their dependencies (.ci/run); their files are loaded by path, never imported as packages.
+import argparse  # noqa: E402
+import ast  # noqa: E402
+import importlib.util  # noqa: E402
+import types  # noqa: E402
+from functools import partial  # noqa: E402
+
+import metrics as MX  # noqa: E402
+
+
+def oracle_path(package, rel):
+    spec = importlib.util.find_spec(package)  # locates the package without running its __init__
+    assert spec is not None, f"test oracle {package} not installed (.ci/run installs it with --no-deps)"
+    return Path(spec.submodule_search_locations[0]) / rel
+
+
+def oracle_module(package, rel, name):
+    spec = importlib.util.spec_from_file_location(name, oracle_path(package, rel))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def oracle_functions(package, rel, names, **namespace):
+    """Only the named top-level functions/classes of an oracle file, executed in `namespace` (the rest of the file
+    imports what CI does not install: requests, tqdm, torchvision, einops)"""
+    tree = ast.parse(oracle_path(package, rel).read_text())
+    nodes = [n for n in tree.body if getattr(n, "name", None) in names]
+    assert len(nodes) == len(names), names
+    exec(compile(ast.Module(nodes, []), str(rel), "exec"), namespace)
+    return [namespace[n] for n in names]
+
+
+def ptlflow_raft():
+    """ptlflow's models/raft package (princeton-vl's RAFT code) with the few ptlflow/loguru/lightning imports of
+    raft.py stubbed: BaseModel's pre/post-processing is the identity (inputs go in already in [-1, 1])."""
+    class BaseModel(nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+
+        def preprocess_images(self, images, **kwargs):
+            return images, None
+
+        def postprocess_predictions(self, x, resizer, is_flow):
+            return x
+
+    def stub(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        return name, mod
+    keep = lambda c: c
+    stubs = dict([stub("loguru", logger=None), stub("ptlflow"), stub("ptlflow.utils"),
+                  stub("ptlflow.utils.registry", register_model=keep, trainable=keep, ptlflow_trained=keep),
+                  stub("ptlflow.utils.utils", forward_interpolate_batch=None),
+                  stub("ptlflow.utils.correlation", IterativeCorrBlock=None), stub("oracle_ptl"),
+                  stub("oracle_ptl.base_model"), stub("oracle_ptl.base_model.base_model", BaseModel=BaseModel)])
+    folder = oracle_path("ptlflow", "models/raft")
+    saved = {k: sys.modules.get(k) for k in [*stubs, "oracle_ptl.raft"]}
+    try:
+        sys.modules.update(stubs)
+        spec = importlib.util.spec_from_file_location("oracle_ptl.raft", folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        mod = sys.modules["oracle_ptl.raft"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        for k, v in saved.items():
+            sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+    return mod
+
+
+def torchvision_raft():
+    """torchvision's models/optical_flow/raft.py from the unpacked wheel in .oracles/ (.ci/run puts it there; never
+    installed: torchvision's package __init__ does not import next to the CPU torch, and transformers would find it).
+    The package __init__s are skipped; the few helpers raft.py imports for its weight registry are stubbed."""
+    root = HERE / ".oracles" / "torchvision" / "torchvision"
+    if not (root / "models/optical_flow/raft.py").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{root}: torchvision's sources missing (.ci/run unpacks the torchvision==0.28.0 wheel there)")
+        pytest.skip("torchvision's sources not unpacked in .oracles/ (see .ci/run)")
+
+    class WeightsEnum(__import__("enum").Enum):
+        @classmethod
+        def verify(cls, w):
+            return w
+
+    def module(name, path=None, file=None, **attrs):
+        if file:
+            spec = importlib.util.spec_from_file_location(name, root / file)
+            mod = sys.modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        mod = sys.modules[name] = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        if path is not None:
+            mod.__path__ = [str(root / path)]
+        return mod
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("torchvision")}
+    try:
+        module("torchvision", "")
+        module("torchvision.utils", file="utils.py")
+        module("torchvision.ops", Conv2dNormActivation=module("torchvision.ops.misc", file="ops/misc.py")
+               .Conv2dNormActivation)
+        module("torchvision.transforms", "transforms")
+        module("torchvision.transforms._presets", OpticalFlow=object)
+        module("torchvision.models", "models")
+        module("torchvision.models._api", register_model=lambda *a, **k: (lambda f: f), Weights=dict,
+               WeightsEnum=WeightsEnum)
+        module("torchvision.models._utils", handle_legacy_interface=lambda **k: (lambda f: f))
+        module("torchvision.models.optical_flow", "models/optical_flow")
+        return module("torchvision.models.optical_flow.raft", file="models/optical_flow/raft.py")
+    finally:
+        for k in [k for k in sys.modules if k.startswith("torchvision")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def videomae_oracle():
+    return oracle_module("cdfvd", "third_party/VideoMAEv2/videomaev2_finetune.py", "oracle_videomae")
+
+
+def random_net(module, seed):
+    """randomize_ plus BatchNorm statistics away from 0 / 1, so a swapped running mean or variance shows"""
+    randomize_(module, seed)
+    g = gen(seed + 100)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    return module.eval()
+
+
+def live_net(module, seed, sample):
+    """random_net whose BatchNorm statistics are those of `sample` (one training-mode pass with momentum 1): a deep
+    random ReLU net whose activations neither die nor drown in its biases, so its output depends on its input"""
+    random_net(module, seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0
+    with torch.no_grad():
+        module.train()(sample) if not isinstance(module, MX.I3D) else module.train().features(sample)
+    return module.eval()
+
+
+def smooth_clip(n, c, t, seed, size=224):
+    """n c t size size in [-1, 1]: random 3x3 layouts, trilinearly upsampled (structure, unlike white noise, which
+    every spatially pooled network averages to the same features)"""
+    x = torch.rand(n, c, t, 3, 3, generator=gen(seed)) * 2 - 1
+    return F.interpolate(x, size=(t, size, size), mode="trilinear")
+
+
+def small_vit_oracle(vm, num_classes=7):
+    """A reduced VideoMAE v2 ViT of the oracle: 16x16 patches x 8 tubelets, as its position-table code assumes"""
+    return vm.VisionTransformer(img_size=32, patch_size=2, embed_dim=48, depth=2, num_heads=4, mlp_ratio=48 / 11,
+                                qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=num_classes,
+                                all_frames=16, tubelet_size=2, use_mean_pooling=True)
+
+
+class TestMetrics:
+    """metrics.py and eval.py's motion metrics: parity with the reference networks on identical random weights,
+    preprocessing and Fréchet distance equal to cd-fvd's, full-size counts, properties, the CLI and its errors"""
+
+    def test_i3d_rgb_and_flow_match_pytorch_i3d(self, tmp_path):
+        pi = oracle_module("cdfvd", "third_party/i3d/pytorch_i3d.py", "oracle_i3d")
+        errs = []
+        for cin, seed in ((3, 0), (2, 1)):
+            ref = pi.InceptionI3d(400, in_channels=cin)
+            t = 10 if cin == 3 else 9  # flow clips are one shorter (T frames, T - 1 flows): odd sizes' SAME padding
+            live_net(ref, seed, smooth_clip(1, cin, t, seed))
+            sd = ref.state_dict()
+            if cin == 2:  # piergiaj's files predate BatchNorm's num_batches_tracked; cd-fvd's newer one has them
+                sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+            torch.save(sd, tmp_path / "i3d.pt")
+            ours = MX.load_net(MX.I3D(cin), tmp_path / "i3d.pt", "I3D")
+            x = smooth_clip(2, cin, t, seed + 10)
+            with torch.no_grad():
+                logits = ours.features(x)
+                assert MX.cosine(*logits) < 99.5  # features that depend on the input
+                errs.append(rel_err(logits, ref(x)))
+                if cin == 3:  # the other --i3d-features choice
+                    errs.append(rel_err(ours.features(x, "pool"), ref.extract_features(x).mean((2, 3, 4))))
+        print(f"I3D relative max diff: rgb logits {errs[0]:.1e}, rgb pool {errs[1]:.1e}, flow logits {errs[2]:.1e}")
+        assert max(errs) <= 1e-4
+
+    def test_raft_matches_princeton_vl_code(self, tmp_path):
+        raft = ptlflow_raft()
+        ref = random_net(raft.RAFT(iters=3), 2)
+        torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "raft-things.pth")
+        ours = MX.load_net(MX.RAFT(), tmp_path / "raft-things.pth", "RAFT")  # DataParallel layout
+        a, b = (255 * torch.rand(2, 3, 128, 160, generator=gen(i)) for i in (3, 4))
+        with torch.no_grad():
+            want = ref({"images": torch.stack([2 * a / 255 - 1, 2 * b / 255 - 1], 1)})["flows"][:, 0]
+            got = ours(a, b, iters=3)
+        print(f"RAFT relative max diff (3 iterations, 128x160): {rel_err(got, want):.1e}")
+        assert rel_err(got, want) <= 1e-4 and got.shape == (2, 2, 128, 160) and want.abs().max() > 1
+
+    def test_raft_torchvision_layout_matches_torchvision(self, tmp_path):
+        tv = torchvision_raft()
+        ref = random_net(tv.raft_large(), 13)
+        torch.save(ref.state_dict(), tmp_path / "raft_large.pth")  # torchvision's file: a plain state dict
+        sd = MX.raft_state_dict(MX.read_weights(tmp_path / "raft_large.pth"))
+        ours = MX.load_net(MX.RAFT(), tmp_path / "raft_large.pth", "RAFT", sd)
+        a, b = (255 * torch.rand(1, 3, 128, 160, generator=gen(i)) for i in (14, 15))
+        with torch.no_grad():
+            want = ref(2 * a / 255 - 1, 2 * b / 255 - 1, num_flow_updates=3)[-1]
+            got = ours(a, b, iters=3)
+        print(f"RAFT (torchvision layout) relative max diff: {rel_err(got, want):.1e}")
+        assert rel_err(got, want) <= 1e-4 and want.abs().max() > 1
+        with torch.device("meta"):
+            assert sum(p.numel() for p in tv.raft_large().parameters()) == 5_257_536
+
+    def test_videomae_matches_reference_vit(self, tmp_path):
+        vm = videomae_oracle()
+        ref = random_net(small_vit_oracle(vm), 5)
+        x = torch.rand(2, 3, 16, 32, 32, generator=gen(6))
+        with torch.no_grad():
+            want = ref.forward_features(x)
+        # a training checkpoint: {'model': ...} beside its argparse.Namespace (loads without running code)
+        torch.save({"model": ref.state_dict(), "epoch": 7, "args": argparse.Namespace(lr=1e-3, model="vit")},
+                   tmp_path / "ft.pth")
+        torch.save({"module": ref.state_dict()}, tmp_path / "module.pth")
+        for f in ("ft.pth", "module.pth"):
+            cfg = MX.vit_config(MX.read_weights(tmp_path / f), heads=4, img_size=32)
+            ours = MX.load_net(MX.VideoMAE(cfg), tmp_path / f, "VideoMAE v2")
+            with torch.no_grad():
+                err = rel_err(ours.features(x), want)
+            assert err <= 1e-4 and (cfg.dim, cfg.depth, cfg.mlp, cfg.num_classes) == (48, 2, 209, 7)
+        print(f"VideoMAE v2 relative max diff (depth 2, width 48): {err:.1e}")
+
+    def test_full_size_counts_and_keys_match_the_references(self, monkeypatch):
+        pi = oracle_module("cdfvd", "third_party/i3d/pytorch_i3d.py", "oracle_i3d")
+        vm, raft = videomae_oracle(), ptlflow_raft()
+        linspace = torch.linspace  # the reference ViT reads its drop-path rates with .item(): keep them on the CPU
+        monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **{**k, "device": "cpu"}))
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        with torch.device("meta"):
+            pairs = [(MX.I3D(3), pi.InceptionI3d(400, in_channels=3)), (MX.I3D(2), pi.InceptionI3d(400, in_channels=2)),
+                     (MX.RAFT(), raft.RAFT()),
+                     (MX.VideoMAE(), vm.vit_giant_patch14_224(num_classes=174, all_frames=16, tubelet_size=2,
+                                                              use_mean_pooling=True))]
+        for ours, ref in pairs:
+            assert count(ours) == count(ref) and set(ours.state_dict()) == set(ref.state_dict())
+        assert [count(o) for o, _ in pairs] == [12_697_264, 12_675_312, 5_257_536, 1_011_855_918]
+
+    def test_preprocessing_equals_cd_fvd(self):
+        (pre_i3d,) = oracle_functions("cdfvd", "third_party/i3d/utils.py", ["preprocess_i3d"], torch=torch, F=F,
+                                      TARGET_RESOLUTION=(224, 224))
+        compose = lambda fs: lambda x: [x := f(x) for f in fs][-1]  # torchvision's Compose: apply in turn
+        *_, pre_mae = oracle_functions(
+            "cdfvd", "third_party/VideoMAEv2/utils.py",
+            ["to_normalized_float_tensor", "resize", "ToFloatTensorInZeroOne", "Resize", "preprocess_videomae"],
+            torch=torch, transforms=types.SimpleNamespace(Compose=compose))
+        rng = np.random.default_rng(0)
+        for shape in [(2, 5, 37, 53, 3), (1, 3, 300, 17, 3), (1, 2, 224, 224, 3)]:
+            v = rng.integers(0, 256, shape, dtype=np.uint8)
+            assert torch.equal(MX.i3d_input(v), pre_i3d(v))
+            assert torch.equal(MX.videomae_input(v), pre_mae(v))
+        short = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)  # shorter than the clip: the last frame repeats
+        assert MX.clip(short, 5).shape[0] == 5 and (MX.clip(short, 5)[2:] == short[2]).all()
+
+    @pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # the oracle's scipy call
+    def test_frechet_distance_equals_cd_fvd(self):
+        mu = oracle_module("cdfvd", "utils/metric_utils.py", "oracle_metric_utils")
+        import scipy.linalg
+        fns = oracle_functions("cdfvd", "fvd.py", ["cdfvd"], np=np, scipy=scipy, torch=torch,
+                               FeatureStats=mu.FeatureStats, npt=__import__("numpy.typing").typing,
+                               **{n: getattr(__import__("typing"), n) for n in ("List", "Optional", "Union")})
+        fvd = fns[0].compute_fvd_from_stats
+        rng = np.random.default_rng(1)
+        for n_real, n_gen, d in [(64, 50, 8), (6, 5, 12)]:  # the second: fewer videos than dimensions
+            real, fake = rng.normal(size=(n_real, d)), 0.5 + 1.3 * rng.normal(size=(n_gen, d))
+            stats = [mu.FeatureStats(capture_mean_cov=True) for _ in range(2)]
+            stats[0].append(real), stats[1].append(fake)
+            want = fvd(None, stats[1], stats[0])
+            assert abs(MX.frechet_distance(real.astype(np.float32), fake.astype(np.float32)) - want) <= 1e-6 * want
+
+    def test_metric_properties(self):
+        x = np.random.default_rng(2).normal(size=(40, 8))
+        assert abs(MX.frechet_distance(x, x)) < 1e-9 and MX.frechet_distance(x, x + 0.1) > 0.079  # |0.1|² x 8
+        f = torch.randn(3, 400, generator=gen(7))
+        assert torch.allclose(MX.cosine(f, f), torch.full((3,), 100.0, dtype=torch.float64))
+        assert MX.small_set_warning(1, 1, 1408).startswith("CD-FVD on 1 video") and "fewer than the 1408" in \
+            MX.small_set_warning(30, 30, 1408) and MX.small_set_warning(2000, 2000, 1408) is None
+        # a static video: RAFT whose update predicts no motion returns exactly zero flow (the coordinate grids, the
+        # convex upsampling, the pad-and-crop of an odd size), and zero flow is I3D-flow's zero input
+        raft = random_net(MX.RAFT(), 8)
+        with torch.no_grad():
+            raft.update_block.flow_head.conv2.weight.zero_(), raft.update_block.flow_head.conv2.bias.zero_()
+            still = torch.full((1, 3, 3, 130, 150), 128.0)
+            flow = MX.flow_input(lambda a, b, iters: raft(a, b, iters), still, iters=2)
+        assert flow.shape == (1, 2, 2, 130, 150) and not flow.any()
+        # flow_input: pairs in time order, pixels / bound, clipped at +-1
+        fake = lambda a, b, iters: (b - a)[:, :2]
+        video = torch.arange(4.0).view(1, 1, 4, 1, 1).expand(1, 3, 4, 2, 2) * torch.tensor([10.0, -30.0, 0.0]
+                                                                                            ).view(1, 3, 1, 1, 1)
+        out = MX.flow_input(fake, video, bound=20)
+        assert torch.equal(out[0, :, :, 0, 0], torch.tensor([[0.5] * 3, [-1.0] * 3]))
+
+    def test_batched_features_equal_one_by_one(self, tmp_path):
+        """--metric-batch: videos of different sizes and lengths batched give each video's own features"""
+        rng = np.random.default_rng(4)
+        videos = []
+        for i, (t, h, w) in enumerate([(12, 40, 56), (7, 32, 32), (16, 50, 30)]):
+            videos.append(tmp_path / f"v{i}.gif")
+            data.write_video(rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8), videos[-1])
+        vit = random_net(MX.VideoMAE(MX.ViTConfig(dim=32, depth=1, heads=4, mlp=64, num_classes=5)), 16)
+        feats = [MX.video_features({"videomae": vit}, videos, argparse.Namespace(metric_batch=b, motion_frames=10),
+                                   torch.device("cpu"), torch.float32, "test")["videomae"] for b in (1, 2)]
+        assert feats[0].shape == (3, 32) and torch.allclose(feats[0], feats[1], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(feats[0][0], feats[0][1], atol=1e-3)
+
+    def test_cli_end_to_end_every_layout(self, clip_dir, tmp_path, capsys):
+        """Two variants (Table 2 rows): 'same' = the ground truth itself, 'shuffled' = its frames out of order;
+        random weights in the public layouts (a .pt state dict, DataParallel .pth, wrapped VideoMAE .pth,
+        safetensors); the CLIP metrics in the same run, each video's scores side by side"""
+        d = tmp_path
+        rng = np.random.default_rng(3)
+        base = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        video = np.stack([np.roll(base, (t, 3 * t), (0, 1)) for t in range(10)])
+        for sub, v in [("real", video), ("same", video), ("shuffled", video[rng.permutation(10)])]:
+            data.write_video(v, d / sub / "a")  # a folder of PNG frames: lossless
+        Image.fromarray(base).save(d / "ref.png")
+        from safetensors.torch import save_file as save
+        raft = random_net(MX.RAFT(), 11)
+        with torch.no_grad():
+            flow = MX.flow_input(raft, MX.resize(video[None]), iters=1)
+        save(live_net(MX.I3D(3), 9, MX.i3d_input(video[None])).state_dict(), d / "rgb.safetensors")
+        torch.save(live_net(MX.I3D(2), 10, flow).state_dict(), d / "flow_imagenet.pt")
+        torch.save({f"module.{k}": v for k, v in raft.state_dict().items()}, d / "raft.pth")
+        vit = random_net(MX.VideoMAE(MX.ViTConfig(dim=32, depth=1, heads=4, mlp=64, num_classes=5)), 12)
+        torch.save({"model": vit.state_dict(), "args": argparse.Namespace(batch_size=2)}, d / "vit.pth")
+        with pytest.warns(UserWarning, match="CD-FVD on 1 video"):
+            E.main(["--compare", f"same={d / 'same'}", f"shuffled={d / 'shuffled'}", "--real", str(d / "real"),
+                    "--i3d-rgb", str(d / "rgb.safetensors"), "--i3d-flow", str(d / "flow_imagenet.pt"), "--raft",
+                    str(d / "raft.pth"), "--videomae", str(d / "vit.pth"), "--videomae-heads", "4",
+                    "--motion-frames", "10", "--raft-iters", "1", "--out", str(d / "scores.json"), "--clip",
+                    str(clip_dir[1]), "--prompt", "a pattern drifts", "--reference", str(d / "ref.png")])
+        out = capsys.readouterr().out
+        res = json.loads((d / "scores.json").read_text())["variants"]
+        same, shuffled = res["same"], res["shuffled"]
+        assert abs(same["cosine_rgb"]["mean"] - 100) < 1e-6 and abs(same["cosine_flow"]["mean"] - 100) < 1e-6
+        assert shuffled["cosine_flow"]["mean"] < 99.9 and shuffled["cosine_rgb"]["mean"] < 100 - 1e-6
+        assert abs(same["cd_fvd"]) < 1e-6 and shuffled["cd_fvd"] > 1e-3 and "can" in same["cd_fvd_note"]
+        assert "Cosine Flow" in out and "same (1 videos)" in out and "shuffled (1 videos)" in out
+        assert "Text Alignment" in out and "text_alignment" in same and "temporal_consistency" in shuffled
+        row = same["videos"][0]  # one row per video: CLIP's scores and the motion ones
+        assert {"text_alignment", "cosine_rgb", "cosine_flow"} <= set(row) and row["real"].endswith("a")
+
+    def test_cli_errors(self, tmp_path):
+        d = tmp_path
+        for sub in ("gen", "real", "real_extra", "wide"):
+            (d / sub).mkdir()
+        still = np.zeros((10, 32, 32, 3), np.uint8)
+        for path in ("gen/a.gif", "real/a.gif", "real_extra/a.gif", "real_extra/b.gif"):
+            data.write_video(still, d / path)
+        data.write_video(np.zeros((10, 32, 64, 3), np.uint8), d / "wide" / "a.gif")
+        torch.save(MX.I3D(3).state_dict(), d / "rgb.pt")
+        torch.save({f"module.{k}": v for k, v in MX.RAFT().state_dict().items()}, d / "raft.pth")
+        (d / "cut.pt").write_bytes((d / "rgb.pt").read_bytes()[:5000])
+        torch.save({"Conv3d_1a_7x7.conv3d.weight": torch.zeros(1), "x": Unpickler(str(d / "PICKLE_RAN"))},
+                   d / "evil.pt")
+        base = ["--videos", d / "gen", "--real", d / "real", "--i3d-rgb", d / "rgb.pt", "--out", "OUT"]
+        cases = [("missing_weights", set_flag(base, "--i3d-rgb", d / "nope.pt"), "weights file not found"),
+                 ("corrupt_weights", set_flag(base, "--i3d-rgb", d / "cut.pt"), "truncated or corrupt"),
+                 ("wrong_network", set_flag(base, "--i3d-rgb", d / "raft.pth"), "not a I3D-RGB checkpoint"),
+                 ("rgb_for_flow", base + ["--i3d-flow", d / "rgb.pt", "--raft", d / "raft.pth"],
+                  "Conv3d_1a_7x7.conv3d.weight (64, 3, 7, 7, 7) != expected (64, 2, 7, 7, 7)"),
+                 ("real_without_partner", set_flag(base, "--real", d / "real_extra"), "b.gif: real video with no"),
+                 ("generated_without_partner", set_flag(base, "--videos", d / "real_extra"), "b.gif: no ground-truth"),
+                 ("mismatched_frame_sizes", set_flag(base, "--real", d / "wide"), "mismatched frame sizes"),
+                 ("pickled_code", set_flag(base, "--i3d-rgb", d / "evil.pt"), "refused: it pickles"),
+                 ("flow_without_raft", base + ["--i3d-flow", d / "rgb.pt"], "needs both --i3d-flow and --raft"),
+                 ("videomae_wrong_network", base + ["--videomae", d / "raft.pth"], "not a VideoMAE v2 checkpoint"),
+                 ("nothing_to_score", ["--videos", d / "gen", "--out", "OUT"], "nothing to score")]
+        cases = [(n, [str(d / f"{n}.json") if a == "OUT" else a for a in argv], m) for n, argv, m in cases]
+        run_matrix("eval.py", cases, lambda name: [d / f"{name}.json"])
+        assert not (d / "PICKLE_RAN").exists()
 
 
 if __name__ == "__main__":
