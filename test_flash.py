@@ -27,6 +27,7 @@ import bench as B
 import data
 import demo
 import eval as E
+import export as X
 import model as M
 import sample as S
 import train as T
@@ -2639,6 +2640,156 @@ class TestBench:
         r = subprocess.run([sys.executable, str(HERE / "bench.py"), *sample[:-2], "--width", "60"], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.startswith("error: --width 60") and r.stderr.count("\n") == 1
+
+
+
+# ----------------------------------------------------------------------------- export.py helpers
+
+def flash_run(folder, base_dir, mm, trained_keys=T.is_trainable, seed=7, scale=0.3):
+    """A train.py-style run folder over the `written` base: every tensor trained_keys picks moved by a random delta
+    (per-row scaled, so deltas have full rank) -> (folder, {name: trained tensor})."""
+    unet = M.load_unet(base_dir, mm)
+    g = torch.Generator().manual_seed(seed)
+    trained = {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=g)
+               for k, v in unet.state_dict().items() if trained_keys(k, "unet") and "pe" != k.rsplit(".", 1)[-1]}
+    write_checkpoint(folder, {f"unet.{k}": v for k, v in trained.items()}, base=str(base_dir), motion_module=str(mm),
+                     motion_version="v2")
+    return Path(folder), trained
+
+
+def ours_with(base_dir, mm, trained):
+    """Our U-Net with cross-frame attention off (stock AnimateDiff attention) and the trained tensors in."""
+    u = M.load_unet(base_dir, mm, cross_frame=False).eval()
+    M.load_checked(u, trained, "trained", keys=list(trained))
+    return u
+
+
+def diffusers_lora_holder(unet):
+    """The smallest object diffusers' pipeline LoRA loader (load_lora_weights) works on: it needs .unet only."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    class Holder(StableDiffusionLoraLoaderMixin):
+        text_encoder, lora_scale, hf_device_map, components = None, 1.0, None, {}
+
+    h = Holder()
+    h.unet = unet
+    return h
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "export.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+class TestExport:
+    """export.py: AnimateDiff / diffusers / MotionLoRA exports checked through diffusers' own loaders"""
+
+    def test_export_diffusers_round_trip_matches_diffusers(self, written, tmp_path, capsys):
+        pytest.importorskip("peft")
+        from diffusers import MotionAdapter, UNet2DConditionModel
+        d, _, _ = written
+        run, trained = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors")
+        X.main([str(run), "--to", "diffusers", "--out", str(tmp_path / "out")])
+        assert "attn1 K/V LoRA rank full: relative Frobenius error" in capsys.readouterr().out
+        folder = tmp_path / "out" / "motion_adapter"
+        adapter = MotionAdapter.from_pretrained(folder)
+        fresh = MotionAdapter(**{k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+                                 if not k.startswith("_")})
+        assert set(load_file(folder / "diffusion_pytorch_model.safetensors")) == set(fresh.state_dict())  # strict
+        ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"), adapter)
+        diffusers_lora_holder(ref).load_lora_weights(str(tmp_path / "out" / "attn1_lora"))
+        ours = ours_with(d / "sd", d / "mm_ad.safetensors", trained)
+        x, t, ctx = inputs(frames=5, b=2, hw=(8, 12))
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx.repeat_interleave(5, 0)).sample
+            got = ours(x, t, ctx)
+            no_kv = ours_with(d / "sd", d / "mm_ad.safetensors",
+                              {k: v for k, v in trained.items() if "motion_modules." in k})(x, t, ctx)
+        assert rel_err(got, want) <= 1e-4, rel_err(got, want)
+        assert rel_err(no_kv, want) > 1e-3  # the attn1 LoRA carried the K/V training
+
+    def test_export_animatediff_loads_strictly_and_through_diffusers_converters(self, written, tmp_path):
+        pytest.importorskip("peft")
+        from diffusers import MotionAdapter, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+        d, _, adapter0 = written
+        run, trained = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors", seed=8)
+        r = export_cli(run, "--to", "animatediff", "--out", tmp_path / "out")
+        assert r.returncode == 0, r.stderr
+        mm = tmp_path / "out" / "motion_module_v2.safetensors"
+        got, base = load_file(mm), load_file(d / "mm_ad.safetensors")
+        assert set(got) == set(base) and all(got[k].shape == base[k].shape for k in base)  # the base file's layout
+        u = M.load_unet(d / "sd", mm)  # our strict loader
+        assert u.info["motion_version"] == "v2"
+        assert all(torch.equal(u.state_dict()[k], v) for k, v in trained.items() if "motion_modules." in k)
+        conv = convert_animatediff_checkpoint_to_diffusers(got)  # diffusers' single-file AnimateDiff conversion
+        ad = MotionAdapter(**{k: v for k, v in adapter0.config.items() if not k.startswith("_")})
+        missing, unexpected = ad.load_state_dict(conv, strict=False)
+        assert not unexpected and all(k.endswith("pos_embed.pe") for k in missing)
+        ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"), ad.eval())
+        diffusers_lora_holder(ref).load_lora_weights(str(tmp_path / "out" / "attn1_lora.safetensors"))  # kohya keys
+        x, t, ctx = inputs(frames=4)
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx.repeat_interleave(4, 0)).sample
+            got_out = ours_with(d / "sd", d / "mm_ad.safetensors", trained)(x, t, ctx)
+        assert rel_err(got_out, want) <= 1e-4, rel_err(got_out, want)
+        assert "attn1 K/V LoRA rank full: relative Frobenius error" in r.stdout and "MiB" in r.stdout
+
+    def test_export_motion_lora_exact_at_full_rank_error_falls(self, written, tmp_path, capsys):
+        pytest.importorskip("peft")
+        from diffusers import MotionAdapter, UNet2DConditionModel
+        d, _, _ = written
+        proj = lambda k, stage: "motion_modules." in k and k.endswith(
+            (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))
+        run, trained = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors", trained_keys=proj, seed=9)
+        base = M.load_unet(d / "sd", d / "mm_ad.safetensors").state_dict()
+        errs = []
+        for rank in (1, 4, 16, 64):  # 64 = the largest projection's full rank in the tiny U-Net (32 and 64 wide)
+            (f,) = X.main([str(run), "--to", "lora", "--rank", str(rank), "--out", str(tmp_path / f"r{rank}")])
+            lora = load_file(f)
+            assert all(".processor." in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in lora)
+            num = den = 0.0
+            for k in (k for k in lora if k.endswith(".down.weight")):  # merge as ComfyUI / AnimateDiff: W + up @ down
+                w = k.replace("processor.", "").replace("_lora.down", "").replace("to_out.", "to_out.0.")
+                assert lora[k].shape[0] == min(rank, *base[w].shape)  # above a layer's full rank: its full rank
+                delta = lora[k.replace(".down.", ".up.")] @ lora[k]
+                num += (base[w] + delta - trained[w]).square().sum().item()
+                den += (trained[w] - base[w]).square().sum().item()
+            errs.append((num / den) ** 0.5)
+            printed = float(re.search(rf"rank {rank}: relative Frobenius error (\S+) ", capsys.readouterr().out)[1])
+            assert printed == pytest.approx(errs[-1], rel=1e-3, abs=1e-6)  # the printed error is the one kept
+        assert errs[-1] <= 1e-5 and errs[0] > errs[1] > errs[2] > errs[3], errs
+        assert len(lora) == 2 * 4 * 2 * (2 * 4 + 1 + 3 * 4)  # down/up x q,k,v,out x 2 attentions x 21 motion modules
+        # diffusers loads it after its own MotionLoRA conversion script's renaming (unet. prefix, diffusers names)
+        converted = {"unet." + X.to_diffusers_name(k): v for k, v in lora.items()}
+        ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"),
+                            MotionAdapter.from_pretrained(d / "adapter"))
+        diffusers_lora_holder(ref).load_lora_weights(converted)
+        x, t, ctx = inputs(frames=4)
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx.repeat_interleave(4, 0)).sample
+            got = ours_with(d / "sd", d / "mm_ad.safetensors", trained)(x, t, ctx)
+        assert rel_err(got, want) <= 1e-4, rel_err(got, want)
+
+    def test_export_refuses_bad_input_with_one_line(self, written, tmp_path):
+        d, _, _ = written
+        run, _ = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors", seed=10)
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain" / "flash.safetensors").write_bytes((run / "flash.safetensors").read_bytes())
+        dec = write_checkpoint(tmp_path / "dec", {"vae.decoder.detail.x": torch.zeros(1)}, stage="decoder")
+        cases = [(tmp_path / "plain", "lora", [], "not a FLASH run folder"),
+                 (tmp_path / "nothing", "diffusers", [], "no such folder"),
+                 (dec, "animatediff", [], "'decoder'-stage run"),
+                 (run, "lora", ["--rank", "65"], "--rank 65: want 1 <= rank <= 64"),
+                 (run, "animatediff", ["--rank", "80"], "--rank 80: want 1 <= rank <= 64")]
+        procs = [subprocess.Popen([sys.executable, "export.py", str(r), "--to", to, "--out", str(tmp_path / f"o{i}"),
+                                   *extra], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 for i, (r, to, extra, _) in enumerate(cases)]
+        for i, (p, (_, _, _, msg)) in enumerate(zip(procs, cases)):
+            _, err = p.communicate()
+            assert p.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+            assert not (tmp_path / f"o{i}").exists()  # nothing written
 
 
 if __name__ == "__main__":
