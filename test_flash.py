@@ -2792,5 +2792,116 @@ class TestExport:
             assert not (tmp_path / f"o{i}").exists()  # nothing written
 
 
+
+# ----------------------------------------------------------------------------- DDP helpers
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_rank(rank, world, port, argv, report):
+    """One torch.multiprocessing rank, set up as torchrun sets its workers up (env vars only), running train.main:
+    it records a hash of the trainable weights after every optimizer step, and every file-system write it makes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    hashes, writes = [], []
+    writing = {"os.mkdir", "os.rename", "os.replace", "os.remove", "shutil.rmtree", "shutil.copyfile"}
+    out = open(f"{report}.{rank}.log", "w")
+    sys.addaudithook(lambda ev, a: writes.append(f"{ev} {a[0]}") if isinstance(a[0], str) and (ev in writing or (
+        ev == "open" and isinstance(a[1], str) and set(a[1]) & set("wax+"))) else None)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(lambda opt, *_: hashes.append(hashlib.sha256(b"".join(
+        p.detach().numpy().tobytes() for g in opt.param_groups for p in g["params"])).hexdigest()))
+    sys.stdout = sys.stderr = out
+    T.main(argv)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    out.close()
+    Path(f"{report}.{rank}.json").write_text(json.dumps({"hashes": hashes, "writes": writes}))
+
+
+def torchrun(*argv):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *map(str, argv)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def same_weights(a, b, tol=0.0):
+    a, b = load_file(Path(a) / "flash.safetensors"), load_file(Path(b) / "flash.safetensors")
+    return set(a) == set(b) and all((a[k] - b[k]).abs().max().item() <= tol for k in a)
+
+
+class TestDDP:
+    """train.py under torchrun: gloo DDP on CPU, --grad-accum, rank-0-only writes, exact resume"""
+
+    def test_two_ranks_agree_every_step_equal_grad_accum_and_only_rank0_writes(self, tiny, tmp_path):
+        import torch.multiprocessing as mp
+        steps = ["--steps", "3", "--save-every", "2", "--log-every", "1"]
+        report = str(tmp_path / "rank")
+        mp.spawn(ddp_rank, args=(2, free_port(), train_argv(tiny, tmp_path / "ddp", *steps), report), nprocs=2)
+        r0, r1 = (json.loads(Path(f"{report}.{r}.json").read_text()) for r in (0, 1))
+        assert len(r0["hashes"]) == 3 and r0["hashes"] == r1["hashes"]  # identical weights after every step
+        assert len(set(r0["hashes"])) == 3  # and they moved every step
+        mine = lambda r: [w for w in r["writes"] if str(tmp_path) in w and str(report) not in w]
+        assert mine(r1) == [], mine(r1)  # rank 1 writes nothing (only torch's own temp files elsewhere)
+        assert Path(f"{report}.1.log").read_text() == ""  # and prints no line
+        assert any("checkpoint-000002" in w for w in mine(r0)) and "step 000003" in Path(f"{report}.0.log").read_text()
+        s = json.loads((tmp_path / "ddp" / "settings.json").read_text())
+        assert s["world_size"] == 2 and s["effective_batch"] == 2 and s["grad_accum"] == 1
+        # 1 process x --grad-accum 2 draws the same two clips (slot generators) and averages the same two gradients
+        T.main(train_argv(tiny, tmp_path / "acc", *steps, "--grad-accum", "2"))
+        assert same_weights(tmp_path / "ddp", tmp_path / "acc", tol=1e-6)
+        s = json.loads((tmp_path / "acc" / "settings.json").read_text())
+        assert s["world_size"] == 1 and s["effective_batch"] == 2
+        T.main(train_argv(tiny, tmp_path / "one", *steps))  # one clip per step: another run
+        assert not same_weights(tmp_path / "one", tmp_path / "acc", tol=1e-6)
+
+    def test_sigkilled_two_rank_run_resumes_bit_identically(self, tiny, tmp_path, capsys):
+        import signal
+        import time
+        args = lambda out, *x: train_argv(tiny, out, "--save-every", "2", "--log-every", "100", *map(str, x))
+        killed = torchrun(*args(tmp_path / "killed", "--steps", "1000"))
+        t0 = time.time()
+        while not (tmp_path / "killed" / "checkpoint-000002").is_dir():
+            assert killed.poll() is None and time.time() - t0 < 120, killed.communicate()
+            time.sleep(0.02)
+        ranks = [int(d) for d in os.listdir("/proc") if d.isdigit() and Path(f"/proc/{d}/stat").exists()
+                 and Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[-1].split()[1] == str(killed.pid)]
+        for pid in [killed.pid, *ranks]:  # torchrun and both ranks (each in its own session), mid-run
+            os.kill(pid, signal.SIGKILL)
+        killed.wait()
+        assert len(ranks) == 2, ranks
+        found = sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-??????"))
+        assert found and found[-1] < "checkpoint-000006" and not (tmp_path / "killed" / "flash.safetensors").exists()
+        shutil.copytree(tmp_path / "killed", tmp_path / "moved")  # the same checkpoint, resumed on one process below
+        resumed = torchrun(*args(tmp_path / "killed", "--steps", "6", "--resume", tmp_path / "killed"))
+        out, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err
+        assert out.count("resumed from") == 1 and "effective batch" not in out  # rank 0 alone says it
+        # the uninterrupted run: 1 process x --grad-accum 2 is the 2-rank run bit for bit (test above)
+        T.main(args(tmp_path / "whole", "--steps", "6", "--grad-accum", "2"))
+        assert same_weights(tmp_path / "killed", tmp_path / "whole")  # bit-identical
+        # resuming under another world size: the same effective batch continues exactly, another one says so
+        T.main(args(tmp_path / "moved", "--steps", "6", "--grad-accum", "2", "--resume", tmp_path / "moved"))
+        assert "2 rank(s) -> 1, effective batch 2 -> 2: the same micro-batch streams continue" in capsys.readouterr().out
+        assert same_weights(tmp_path / "moved", tmp_path / "whole")
+        T.main(args(tmp_path / "moved", "--steps", "6", "--grad-accum", "1", "--resume", tmp_path / "moved"))
+        assert "effective batch 2 -> 1: weights and optimizer continue" in capsys.readouterr().out
+
+    def test_save_dtype_halves_flash_safetensors(self, tiny, tmp_path):
+        T.main(train_argv(tiny, tmp_path / "fp32", "--steps", "1"))
+        T.main(train_argv(tiny, tmp_path / "bf16", "--steps", "1", "--save-dtype", "bf16"))
+        a, b = load_file(tmp_path / "fp32" / "flash.safetensors"), load_file(tmp_path / "bf16" / "flash.safetensors")
+        assert all(v.dtype == torch.float32 for v in a.values()) and all(v.dtype == torch.bfloat16 for v in b.values())
+        assert all(torch.equal(a[k].bfloat16(), b[k]) for k in a)  # the same weights, rounded
+        n = sum(v.numel() for v in a.values())
+        header = lambda f: 8 + int.from_bytes(f.read_bytes()[:8], "little")  # safetensors: u64 length + JSON
+        for f, width in ((tmp_path / "fp32" / "flash.safetensors", 4), (tmp_path / "bf16" / "flash.safetensors", 2)):
+            assert f.stat().st_size == header(f) + width * n
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -495,8 +495,9 @@ def main(argv=None):
         args = p.parse_args(argv)
     check_args(args)
     rank, _ = init_distributed(args)  # torchrun: one process per GPU; plain python: no process group
-    if rank == 0:
-        print(json.dumps(vars(args)))
+    if rank > 0:  # rank 0 alone prints (load summaries, log lines); every rank's errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
+    print(json.dumps(vars(args)))
     videos = load_videos(args.videos, args.prompt, args.frames, args.stride, short_side=min(args.height, args.width))
     pipe = load_pipeline(args.base, args.motion_module if args.stage == "unet" else None, device=args.device,
                          dtype=autocast_dtype(args.dtype, args.device))
@@ -514,9 +515,8 @@ def main(argv=None):
     train(args, pipe, videos, embeds, null_embed=null_embed)
     if dist.is_initialized():
         dist.destroy_process_group()
-    if rank == 0:
-        print(f"done: weights in {os.path.join(args.out, 'flash.safetensors')}; "
-              f"sample with: python sample.py --checkpoint {args.out} --image ref.png")
+    print(f"done: weights in {os.path.join(args.out, 'flash.safetensors')}; "
+          f"sample with: python sample.py --checkpoint {args.out} --image ref.png")
 
 
 if __name__ == "__main__":
