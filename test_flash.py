@@ -2760,6 +2760,12 @@ class TestExport:
             assert printed == pytest.approx(errs[-1], rel=1e-3, abs=1e-6)  # the printed error is the one kept
         assert errs[-1] <= 1e-5 and errs[0] > errs[1] > errs[2] > errs[3], errs
         assert len(lora) == 2 * 4 * 2 * (2 * 4 + 1 + 3 * 4)  # down/up x q,k,v,out x 2 attentions x 21 motion modules
+        (h,) = X.main([str(run), "--to", "lora", "--rank", "64", "--dtype", "fp16", "--out", str(tmp_path / "h")])
+        half = load_file(h)
+        assert all(half[k].dtype == torch.float16 and torch.equal(half[k], lora[k].half()) for k in lora)
+        n = sum(v.numel() for v in lora.values())
+        for file, width in ((Path(f), 4), (Path(h), 2)):  # safetensors: u64 header length, JSON header, the data
+            assert file.stat().st_size == 8 + int.from_bytes(file.read_bytes()[:8], "little") + width * n
         # diffusers loads it after its own MotionLoRA conversion script's renaming (unet. prefix, diffusers names)
         converted = {"unet." + X.to_diffusers_name(k): v for k, v in lora.items()}
         ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"),
