@@ -67,6 +67,10 @@ def read_run(path):
 def load_run(args):
     """-> (base U-Net with the base motion module, trained tensors, settings); names every mismatch."""
     trained, settings = read_run(args.run)
+    if args.rank is not None:  # refused before the base (GBs) is read: the trained tensors have the layers' shapes
+        lora_layers = [v.shape for k, v in trained.items() if ("motion_modules." in k) == (args.to == "lora")
+                       and k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))]
+        check_rank(args.rank, lora_layers, "temporal attention" if args.to == "lora" else "attn1")
     base, mm = args.base or settings.get("base"), args.motion_module or settings.get("motion_module")
     if not base or not mm:
         raise ValueError(f"{args.run}: settings.json names no base / motion module: pass --base and --motion-module")
@@ -92,7 +96,7 @@ def low_rank(delta, rank):
 
 def check_rank(rank, shapes, what):
     """A rank above a layer's full rank is that layer's full rank (exact); one above every layer's is refused."""
-    top = max(min(s) for s in shapes)
+    top = max((min(s) for s in shapes), default=0)
     if rank is not None and not 1 <= rank <= top:
         raise ValueError(f"--rank {rank}: want 1 <= rank <= {top}, the full rank of the largest {what} layer")
 
