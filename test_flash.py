@@ -27,6 +27,7 @@ import bench as B
 import data
 import demo
 import eval as E
+import export as X
 import memory as MEM
 import model as M
 import sample as S
@@ -3280,6 +3281,273 @@ class TestMetrics:
         cases = [(n, [str(d / f"{n}.json") if a == "OUT" else a for a in argv], m) for n, argv, m in cases]
         run_matrix("eval.py", cases, lambda name: [d / f"{name}.json"])
         assert not (d / "PICKLE_RAN").exists()
+
+
+
+# ----------------------------------------------------------------------------- export.py helpers
+
+def flash_run(folder, base_dir, mm, trained_keys=T.is_trainable, seed=7, scale=0.3):
+    """A train.py-style run folder over the `written` base: every tensor trained_keys picks moved by a random delta
+    (per-row scaled, so deltas have full rank) -> (folder, {name: trained tensor})."""
+    unet = M.load_unet(base_dir, mm)
+    g = torch.Generator().manual_seed(seed)
+    trained = {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=g)
+               for k, v in unet.state_dict().items() if trained_keys(k, "unet") and "pe" != k.rsplit(".", 1)[-1]}
+    write_checkpoint(folder, {f"unet.{k}": v for k, v in trained.items()}, base=str(base_dir), motion_module=str(mm),
+                     motion_version="v2")
+    return Path(folder), trained
+
+
+def ours_with(base_dir, mm, trained):
+    """Our U-Net with cross-frame attention off (stock AnimateDiff attention) and the trained tensors in."""
+    u = M.load_unet(base_dir, mm, cross_frame=False).eval()
+    M.load_checked(u, trained, "trained", keys=list(trained))
+    return u
+
+
+def diffusers_lora_holder(unet):
+    """The smallest object diffusers' pipeline LoRA loader (load_lora_weights) works on: it needs .unet only."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    class Holder(StableDiffusionLoraLoaderMixin):
+        text_encoder, lora_scale, hf_device_map, components = None, 1.0, None, {}
+
+    h = Holder()
+    h.unet = unet
+    return h
+
+
+def export_cli(*args):
+    return subprocess.run([sys.executable, "export.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+class TestExport:
+    """export.py: AnimateDiff / diffusers / MotionLoRA exports checked through diffusers' own loaders"""
+
+    def test_export_diffusers_round_trip_matches_diffusers(self, written, tmp_path, capsys):
+        pytest.importorskip("peft")
+        from diffusers import MotionAdapter, UNet2DConditionModel
+        d, _, _ = written
+        run, trained = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors")
+        X.main([str(run), "--to", "diffusers", "--out", str(tmp_path / "out")])
+        assert "attn1 K/V LoRA rank full: relative Frobenius error" in capsys.readouterr().out
+        folder = tmp_path / "out" / "motion_adapter"
+        adapter = MotionAdapter.from_pretrained(folder)
+        fresh = MotionAdapter(**{k: v for k, v in json.loads((folder / "config.json").read_text()).items()
+                                 if not k.startswith("_")})
+        assert set(load_file(folder / "diffusion_pytorch_model.safetensors")) == set(fresh.state_dict())  # strict
+        ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"), adapter)
+        diffusers_lora_holder(ref).load_lora_weights(str(tmp_path / "out" / "attn1_lora"))
+        ours = ours_with(d / "sd", d / "mm_ad.safetensors", trained)
+        x, t, ctx = inputs(frames=5, b=2, hw=(8, 12))
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx.repeat_interleave(5, 0)).sample
+            got = ours(x, t, ctx)
+            no_kv = ours_with(d / "sd", d / "mm_ad.safetensors",
+                              {k: v for k, v in trained.items() if "motion_modules." in k})(x, t, ctx)
+        assert rel_err(got, want) <= 1e-4, rel_err(got, want)
+        assert rel_err(no_kv, want) > 1e-3  # the attn1 LoRA carried the K/V training
+
+    def test_export_animatediff_loads_strictly_and_through_diffusers_converters(self, written, tmp_path):
+        pytest.importorskip("peft")
+        from diffusers import MotionAdapter, UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+        d, _, adapter0 = written
+        run, trained = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors", seed=8)
+        r = export_cli(run, "--to", "animatediff", "--out", tmp_path / "out")
+        assert r.returncode == 0, r.stderr
+        mm = tmp_path / "out" / "motion_module_v2.safetensors"
+        got, base = load_file(mm), load_file(d / "mm_ad.safetensors")
+        assert set(got) == set(base) and all(got[k].shape == base[k].shape for k in base)  # the base file's layout
+        u = M.load_unet(d / "sd", mm)  # our strict loader
+        assert u.info["motion_version"] == "v2"
+        assert all(torch.equal(u.state_dict()[k], v) for k, v in trained.items() if "motion_modules." in k)
+        conv = convert_animatediff_checkpoint_to_diffusers(got)  # diffusers' single-file AnimateDiff conversion
+        ad = MotionAdapter(**{k: v for k, v in adapter0.config.items() if not k.startswith("_")})
+        missing, unexpected = ad.load_state_dict(conv, strict=False)
+        assert not unexpected and all(k.endswith("pos_embed.pe") for k in missing)
+        ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"), ad.eval())
+        diffusers_lora_holder(ref).load_lora_weights(str(tmp_path / "out" / "attn1_lora.safetensors"))  # kohya keys
+        x, t, ctx = inputs(frames=4)
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx.repeat_interleave(4, 0)).sample
+            got_out = ours_with(d / "sd", d / "mm_ad.safetensors", trained)(x, t, ctx)
+        assert rel_err(got_out, want) <= 1e-4, rel_err(got_out, want)
+        assert "attn1 K/V LoRA rank full: relative Frobenius error" in r.stdout and "MiB" in r.stdout
+
+    def test_export_motion_lora_exact_at_full_rank_error_falls(self, written, tmp_path, capsys):
+        pytest.importorskip("peft")
+        from diffusers import MotionAdapter, UNet2DConditionModel
+        d, _, _ = written
+        proj = lambda k, stage: "motion_modules." in k and k.endswith(
+            (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"))
+        run, trained = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors", trained_keys=proj, seed=9)
+        base = M.load_unet(d / "sd", d / "mm_ad.safetensors").state_dict()
+        errs = []
+        for rank in (1, 4, 16, 64):  # 64 = the largest projection's full rank in the tiny U-Net (32 and 64 wide)
+            (f,) = X.main([str(run), "--to", "lora", "--rank", str(rank), "--out", str(tmp_path / f"r{rank}")])
+            lora = load_file(f)
+            assert all(".processor." in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in lora)
+            num = den = 0.0
+            for k in (k for k in lora if k.endswith(".down.weight")):  # merge as ComfyUI / AnimateDiff: W + up @ down
+                w = k.replace("processor.", "").replace("_lora.down", "").replace("to_out.", "to_out.0.")
+                assert lora[k].shape[0] == min(rank, *base[w].shape)  # above a layer's full rank: its full rank
+                delta = lora[k.replace(".down.", ".up.")] @ lora[k]
+                num += (base[w] + delta - trained[w]).square().sum().item()
+                den += (trained[w] - base[w]).square().sum().item()
+            errs.append((num / den) ** 0.5)
+            printed = float(re.search(rf"rank {rank}: relative Frobenius error (\S+) ", capsys.readouterr().out)[1])
+            assert printed == pytest.approx(errs[-1], rel=1e-3, abs=1e-6)  # the printed error is the one kept
+        assert errs[-1] <= 1e-5 and errs[0] > errs[1] > errs[2] > errs[3], errs
+        assert len(lora) == 2 * 4 * 2 * (2 * 4 + 1 + 3 * 4)  # down/up x q,k,v,out x 2 attentions x 21 motion modules
+        (h,) = X.main([str(run), "--to", "lora", "--rank", "64", "--dtype", "fp16", "--out", str(tmp_path / "h")])
+        half = load_file(h)
+        assert all(half[k].dtype == torch.float16 and torch.equal(half[k], lora[k].half()) for k in lora)
+        n = sum(v.numel() for v in lora.values())
+        for file, width in ((Path(f), 4), (Path(h), 2)):  # safetensors: u64 header length, JSON header, the data
+            assert file.stat().st_size == 8 + int.from_bytes(file.read_bytes()[:8], "little") + width * n
+        # diffusers loads it after its own MotionLoRA conversion script's renaming (unet. prefix, diffusers names)
+        converted = {"unet." + X.to_diffusers_name(k): v for k, v in lora.items()}
+        ref = motion_oracle(UNet2DConditionModel.from_pretrained(d / "sd" / "unet"),
+                            MotionAdapter.from_pretrained(d / "adapter"))
+        diffusers_lora_holder(ref).load_lora_weights(converted)
+        x, t, ctx = inputs(frames=4)
+        with torch.no_grad():
+            want = ref(x, t, encoder_hidden_states=ctx.repeat_interleave(4, 0)).sample
+            got = ours_with(d / "sd", d / "mm_ad.safetensors", trained)(x, t, ctx)
+        assert rel_err(got, want) <= 1e-4, rel_err(got, want)
+
+    def test_export_refuses_bad_input_with_one_line(self, written, tmp_path):
+        d, _, _ = written
+        run, _ = flash_run(tmp_path / "run", d / "sd", d / "mm_ad.safetensors", seed=10)
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain" / "flash.safetensors").write_bytes((run / "flash.safetensors").read_bytes())
+        dec = write_checkpoint(tmp_path / "dec", {"vae.decoder.detail.x": torch.zeros(1)}, stage="decoder")
+        cases = [(tmp_path / "plain", "lora", [], "not a FLASH run folder"),
+                 (tmp_path / "nothing", "diffusers", [], "no such folder"),
+                 (dec, "animatediff", [], "'decoder'-stage run"),
+                 (run, "lora", ["--rank", "65"], "--rank 65: want 1 <= rank <= 64"),
+                 (run, "animatediff", ["--rank", "80"], "--rank 80: want 1 <= rank <= 64")]
+        procs = [subprocess.Popen([sys.executable, "export.py", str(r), "--to", to, "--out", str(tmp_path / f"o{i}"),
+                                   *extra], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 for i, (r, to, extra, _) in enumerate(cases)]
+        for i, (p, (_, _, _, msg)) in enumerate(zip(procs, cases)):
+            _, err = p.communicate()
+            assert p.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+            assert not (tmp_path / f"o{i}").exists()  # nothing written
+
+
+
+# ----------------------------------------------------------------------------- DDP helpers
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_rank(rank, world, port, argv, report):
+    """One torch.multiprocessing rank, set up as torchrun sets its workers up (env vars only), running train.main:
+    it records a hash of the trainable weights after every optimizer step, and every file-system write it makes."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    hashes, writes = [], []
+    writing = {"os.mkdir", "os.rename", "os.replace", "os.remove", "shutil.rmtree", "shutil.copyfile"}
+    out = open(f"{report}.{rank}.log", "w")
+    sys.addaudithook(lambda ev, a: writes.append(f"{ev} {a[0]}") if isinstance(a[0], str) and (ev in writing or (
+        ev == "open" and isinstance(a[1], str) and set(a[1]) & set("wax+"))) else None)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(lambda opt, *_: hashes.append(hashlib.sha256(b"".join(
+        p.detach().numpy().tobytes() for g in opt.param_groups for p in g["params"])).hexdigest()))
+    sys.stdout = sys.stderr = out
+    T.main(argv)
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    out.close()
+    Path(f"{report}.{rank}.json").write_text(json.dumps({"hashes": hashes, "writes": writes}))
+
+
+def torchrun(*argv):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "train.py", *map(str, argv)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def same_weights(a, b, tol=0.0):
+    a, b = load_file(Path(a) / "flash.safetensors"), load_file(Path(b) / "flash.safetensors")
+    return set(a) == set(b) and all((a[k] - b[k]).abs().max().item() <= tol for k in a)
+
+
+class TestDDP:
+    """train.py under torchrun: gloo DDP on CPU, --grad-accum, rank-0-only writes, exact resume"""
+
+    def test_two_ranks_agree_every_step_equal_grad_accum_and_only_rank0_writes(self, tiny, tmp_path):
+        import torch.multiprocessing as mp
+        steps = ["--steps", "3", "--save-every", "2", "--log-every", "1"]
+        report = str(tmp_path / "rank")
+        mp.spawn(ddp_rank, args=(2, free_port(), train_argv(tiny, tmp_path / "ddp", *steps), report), nprocs=2)
+        r0, r1 = (json.loads(Path(f"{report}.{r}.json").read_text()) for r in (0, 1))
+        assert len(r0["hashes"]) == 3 and r0["hashes"] == r1["hashes"]  # identical weights after every step
+        assert len(set(r0["hashes"])) == 3  # and they moved every step
+        mine = lambda r: [w for w in r["writes"] if str(tmp_path) in w and str(report) not in w]
+        assert mine(r1) == [], mine(r1)  # rank 1 writes nothing (only torch's own temp files elsewhere)
+        assert Path(f"{report}.1.log").read_text() == ""  # and prints no line
+        assert any("checkpoint-000002" in w for w in mine(r0)) and "step 000003" in Path(f"{report}.0.log").read_text()
+        s = json.loads((tmp_path / "ddp" / "settings.json").read_text())
+        assert s["world_size"] == 2 and s["effective_batch"] == 2 and s["grad_accum"] == 1
+        # 1 process x --grad-accum 2 draws the same two clips (slot generators) and averages the same two gradients
+        T.main(train_argv(tiny, tmp_path / "acc", *steps, "--grad-accum", "2"))
+        assert same_weights(tmp_path / "ddp", tmp_path / "acc", tol=1e-6)
+        s = json.loads((tmp_path / "acc" / "settings.json").read_text())
+        assert s["world_size"] == 1 and s["effective_batch"] == 2
+        T.main(train_argv(tiny, tmp_path / "one", *steps))  # one clip per step: another run
+        assert not same_weights(tmp_path / "one", tmp_path / "acc", tol=1e-6)
+
+    def test_sigkilled_two_rank_run_resumes_bit_identically(self, tiny, tmp_path, capsys):
+        import signal
+        import time
+        args = lambda out, *x: train_argv(tiny, out, "--save-every", "2", "--log-every", "100", *map(str, x))
+        killed = torchrun(*args(tmp_path / "killed", "--steps", "1000"))
+        t0 = time.time()
+        while not (tmp_path / "killed" / "checkpoint-000002").is_dir():
+            assert killed.poll() is None and time.time() - t0 < 120, killed.communicate()
+            time.sleep(0.02)
+        ranks = [int(d) for d in os.listdir("/proc") if d.isdigit() and Path(f"/proc/{d}/stat").exists()
+                 and Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[-1].split()[1] == str(killed.pid)]
+        for pid in [killed.pid, *ranks]:  # torchrun and both ranks (each in its own session), mid-run
+            os.kill(pid, signal.SIGKILL)
+        killed.wait()
+        assert len(ranks) == 2, ranks
+        found = sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-??????"))
+        assert found and found[-1] < "checkpoint-000006" and not (tmp_path / "killed" / "flash.safetensors").exists()
+        shutil.copytree(tmp_path / "killed", tmp_path / "moved")  # the same checkpoint, resumed on one process below
+        resumed = torchrun(*args(tmp_path / "killed", "--steps", "6", "--resume", tmp_path / "killed"))
+        out, err = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, err
+        assert out.count("resumed from") == 1 and "effective batch" not in out  # rank 0 alone says it
+        # the uninterrupted run: 1 process x --grad-accum 2 is the 2-rank run bit for bit (test above)
+        T.main(args(tmp_path / "whole", "--steps", "6", "--grad-accum", "2"))
+        assert same_weights(tmp_path / "killed", tmp_path / "whole")  # bit-identical
+        # resuming under another world size: the same effective batch continues exactly, another one says so
+        T.main(args(tmp_path / "moved", "--steps", "6", "--grad-accum", "2", "--resume", tmp_path / "moved"))
+        assert "2 rank(s) -> 1, effective batch 2 -> 2: the same micro-batch streams continue" in capsys.readouterr().out
+        assert same_weights(tmp_path / "moved", tmp_path / "whole")
+        T.main(args(tmp_path / "moved", "--steps", "6", "--grad-accum", "1", "--resume", tmp_path / "moved"))
+        assert "effective batch 2 -> 1: weights and optimizer continue" in capsys.readouterr().out
+
+    def test_save_dtype_halves_flash_safetensors(self, tiny, tmp_path):
+        T.main(train_argv(tiny, tmp_path / "fp32", "--steps", "1"))
+        T.main(train_argv(tiny, tmp_path / "bf16", "--steps", "1", "--save-dtype", "bf16"))
+        a, b = load_file(tmp_path / "fp32" / "flash.safetensors"), load_file(tmp_path / "bf16" / "flash.safetensors")
+        assert all(v.dtype == torch.float32 for v in a.values()) and all(v.dtype == torch.bfloat16 for v in b.values())
+        assert all(torch.equal(a[k].bfloat16(), b[k]) for k in a)  # the same weights, rounded
+        n = sum(v.numel() for v in a.values())
+        header = lambda f: 8 + int.from_bytes(f.read_bytes()[:8], "little")  # safetensors: u64 length + JSON
+        for f, width in ((tmp_path / "fp32" / "flash.safetensors", 4), (tmp_path / "bf16" / "flash.safetensors", 2)):
+            assert f.stat().st_size == header(f) + width * n
 
 
 if __name__ == "__main__":

@@ -17,16 +17,18 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from data import (clip_stride, decoder_distort, exit_on_error, load_videos, plain_warnings, sample_clip,
                   strong_augment, tqdm, write_video)
-from model import autocast_dtype, read_json
+from model import DTYPES, autocast_dtype, read_json
 from sample import (alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, prompt_words,
                     video_noise)
 from vae import load_vae
@@ -81,12 +83,17 @@ def get_parser():
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--decoder-frames", type=int, default=4, help="frames decoded per step in the decoder stage")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="clips per rank per step, gradients summed (effective batch = ranks x K; A3.2: 1 per GPU)")
     p.add_argument("--seed", type=int, default=0)
     # Runtime
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="frozen weights and autocast (GPU default bf16)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--out", default="runs/flash", help="output folder (checkpoints, settings, loss curve)")
+    p.add_argument("--save-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype of flash.safetensors (fp32: resume is exact; bf16/fp16 halve it for sharing, and "
+                        "resume then continues from the rounded weights)")
     p.add_argument("--resume", help="checkpoint folder, or an output folder (its latest checkpoint)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=1000)
@@ -134,14 +141,15 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out, step, tensors, settings, state, keep):
+def save_checkpoint(out, step, tensors, settings, state, keep, dtype=torch.float32):
     """checkpoint-{step}/ with flash.safetensors (trained tensors), settings.json and state.pt (resume);
     written to a .tmp folder first, then renamed, so a crash never leaves half a checkpoint."""
     final = os.path.join(out, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, "flash.safetensors"))
+    save_file({k: v.detach().to(dtype).cpu().contiguous() for k, v in tensors.items()},
+              os.path.join(tmp, "flash.safetensors"))
     with open(os.path.join(tmp, "settings.json"), "w") as f:
         json.dump({**settings, "step": step}, f, indent=2)
     torch.save(state, os.path.join(tmp, "state.pt"))
@@ -159,6 +167,60 @@ def find_checkpoint(path):
     if not found:
         raise FileNotFoundError(f"--resume {path}: no checkpoint-NNNNNN folder with state.pt found")
     return found[-1]
+
+
+def init_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): join the process group from its env vars (NCCL on CUDA, gloo on CPU), one GPU
+    per local rank -> (rank, world size). Plain `python train.py`: (0, 1) and no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def stream_seed(seed, slot):
+    """Seed of micro-batch slot `slot` of the effective batch (slot = rank x K + j): every slot draws its own clips,
+    t and noise (A3.2: batch 1 per GPU). Slot 0 is --seed itself, so one process without accumulation is unchanged."""
+    return seed + 1_000_003 * slot
+
+
+def average_gradients(params, n):
+    """DDP by hand: sum each trainable gradient over the ranks (all-reduce; frozen weights have none), then divide by
+    the effective batch n. Every rank then holds the same gradient and takes the same AdamW step."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if dist.is_initialized():
+        for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+            work.wait()
+    for p, g in zip(params, grads):
+        p.grad = g.div_(n)
+
+
+def mean_row(rows, world, device):
+    """The log row averaged over the effective batch: this rank's K micro-batches, then all ranks."""
+    if world * len(rows) == 1:
+        return rows[0]
+    vals = torch.tensor([[r[k] for k in rows[0]] for r in rows], dtype=torch.float64, device=device).sum(0)
+    if world > 1:
+        dist.all_reduce(vals)
+    return dict(zip(rows[0], (vals / (world * len(rows))).tolist()))
+
+
+def gather_states(gens):
+    """Every slot's generator state, in slot order, on every rank (rank 0 saves them)."""
+    states = [g.get_state() for g in gens]
+    if not dist.is_initialized():
+        return states
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, states)
+    return [s for rank_states in out for s in rank_states]
 
 
 def plot_losses(history, path, names):
@@ -239,6 +301,20 @@ def decoder_step(args, pipe, clip, gen, autocast):
     return loss, {"loss": loss.item()}
 
 
+def micro_step(args, pipe, videos, embeds, null_embed, gen, autocast, acp, t_weights, n_layers):
+    """One clip drawn with `gen` (its micro-batch slot's generator), forward and backward -> its log row."""
+    vi = torch.randint(len(videos), (), generator=gen).item()
+    clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip,
+                       start=args.clip_start).to(pipe.device)  # augmentation and distortion run on the device
+    if args.stage == "unet":
+        loss, row = unet_step(args, pipe, clip, embeds[vi], null_embed, gen, autocast, acp, t_weights, n_layers)
+    else:
+        loss, row = decoder_step(args, pipe, clip, gen, autocast)
+    loss.backward()  # into .grad: over --grad-accum micro-steps the gradients add up
+    set_alignment(pipe.unet)  # hooks off again (backward has recomputed what it needed)
+    return row
+
+
 # ----------------------------------------------------------------------------- set-up, resume, the loop
 
 def trainable_parameters(model, stage):
@@ -251,8 +327,10 @@ def trainable_parameters(model, stage):
     return params
 
 
-def resume(path, params, prefix, opt, gen, log):
-    """Trained tensors, optimizer, generator and loss history from the newest checkpoint -> (step, history)."""
+def resume(path, params, prefix, opt, gens, slots, log):
+    """Trained tensors, optimizer, the micro-batch slots' generators and loss history from the newest checkpoint
+    -> (step, history). Same effective batch (ranks x --grad-accum) as saved, however split: the run continues exactly.
+    Another one: weights and optimizer continue, the slots that were saved keep their streams, new ones start fresh."""
     ck = find_checkpoint(path)
     sd = load_file(os.path.join(ck, "flash.safetensors"))
     with torch.no_grad():
@@ -260,8 +338,18 @@ def resume(path, params, prefix, opt, gen, log):
             p.copy_(sd[prefix + n])
     state = torch.load(os.path.join(ck, "state.pt"), map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
+    states = state.get("generators") or [state["generator"]]  # checkpoints from before DDP: one stream
+    for gen, slot in zip(gens, slots):
+        if slot < len(states):
+            gen.set_state(states[slot])
+    saved = read_json(os.path.join(ck, "settings.json"))
+    was, now = (saved.get("world_size", 1), len(states)), (rank_and_world()[1], len(slots) * rank_and_world()[1])
     log(f"resumed from {ck} at step {state['step']}")
+    if was != now:
+        log(f"resume: {was[0]} rank(s) -> {now[0]}, effective batch {was[1]} -> {now[1]}: " +
+            ("the same micro-batch streams continue, exactly as the uninterrupted run" if was[1] == now[1] else
+             f"weights and optimizer continue; streams {min(was[1], now[1])}..{now[1] - 1} start fresh, so the run "
+             f"is not the uninterrupted one (keep ranks x --grad-accum = {was[1]} to continue exactly)"))
     return state["step"], state["history"]
 
 
@@ -270,6 +358,8 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
     embeddings, null_embed: the empty prompt's (unet stage; computed here with pipe's text encoder when None).
     Returns the loss history. Resumes exactly from args.resume when given."""
     dev, unet_stage = pipe.device, args.stage == "unet"
+    rank, world = rank_and_world()
+    log = log if rank == 0 else (lambda *a: None)  # rank 0 alone logs and writes
     if unet_stage and null_embed is None:
         null_embed = encode_prompt(pipe, [""]).cpu()
     model, prefix = (pipe.unet, "unet.") if unet_stage else (pipe.vae, "vae.")
@@ -277,9 +367,11 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
     log(f"training {len(params)} tensors, {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters "
         f"({args.stage} stage)")
     opt = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
-    step, history = resume(args.resume, params, prefix, opt, gen, log) if args.resume else (0, [])
+    slots = [rank * args.grad_accum + j for j in range(args.grad_accum)]  # this rank's share of the effective batch
+    gens = [torch.Generator().manual_seed(stream_seed(args.seed, s)) for s in slots]
+    step, history = resume(args.resume, params, prefix, opt, gens, slots, log) if args.resume else (0, [])
     settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    settings.update(world_size=world, effective_batch=world * args.grad_accum)
     clip_fps = statistics.median(v.fps / max(1, clip_stride(len(v.frames), args.frames, args.stride)) for v in videos)
     settings.update(fps=round(clip_fps, 3), motion_version=pipe.info.get("motion_version"),
                     captions=sorted({v.caption for v in videos}))
@@ -291,20 +383,17 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
     n_layers = len(cross_frame_layers(pipe.unet))
     pipe.unet.gradient_checkpointing = pipe.vae.decoder.gradient_checkpointing = args.gradient_checkpointing
     sample_image = args.sample_image if unet_stage else None  # periodic samples need the trained U-Net
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
     model.train()
     busy, n_busy, peak = 0.0, 0, 0.0  # seconds and count of the steps run since the last log line
-    for step in tqdm(range(step, args.steps), desc=f"train {args.stage} (from step {step})"):
+    for step in tqdm(range(step, args.steps), desc=f"train {args.stage} (from step {step})", disable=rank > 0):
         t0 = time.time()
-        vi = torch.randint(len(videos), (), generator=gen).item()
-        clip = sample_clip(videos[vi], args.frames, args.stride, args.height, args.width, gen, flip=args.flip,
-                           start=args.clip_start).to(dev)  # augmentation and distortion run on the device
-        if unet_stage:
-            loss, row = unet_step(args, pipe, clip, embeds[vi], null_embed, gen, autocast, acp, t_weights, n_layers)
-        else:
-            loss, row = decoder_step(args, pipe, clip, gen, autocast)
-        loss.backward()
-        set_alignment(pipe.unet)  # hooks off again (backward has recomputed what it needed)
+        rows = [micro_step(args, pipe, videos, embeds, null_embed, g, autocast, acp, t_weights, n_layers)
+                for g in gens]  # batch 1 per rank (A3.2); --grad-accum clips in turn, gradients adding up
+        if world * args.grad_accum > 1:
+            average_gradients(list(params.values()), world * args.grad_accum)
+        row = mean_row(rows, world, dev)
         torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -319,11 +408,15 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
             log(f"step {step + 1:06d} | {losses} | lr {args.lr:.0e} | {busy / n_busy * 1000:.0f}ms/step | {peak:.1f}GB")
             busy, n_busy = 0.0, 0
         if (step + 1) % args.save_every == 0 or last:
-            state = {"step": step + 1, "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                     "history": history}
-            tensors = {prefix + n: p for n, p in params.items()}
-            log(f"saved {save_checkpoint(args.out, step + 1, tensors, settings, state, args.keep)}")
-        if sample_image and ((args.sample_every and (step + 1) % args.sample_every == 0) or last):
+            states = gather_states(gens)  # every rank takes part; rank 0 writes
+            if rank == 0:
+                state = {"step": step + 1, "optimizer": opt.state_dict(), "generator": states[0],
+                         "generators": states, "history": history}
+                tensors = {prefix + n: p for n, p in params.items()}
+                saved = save_checkpoint(args.out, step + 1, tensors, settings, state, args.keep,
+                                        DTYPES[args.save_dtype])
+                log(f"saved {saved}")
+        if rank == 0 and sample_image and ((args.sample_every and (step + 1) % args.sample_every == 0) or last):
             model.eval()
             for caption, name in zip(settings["captions"], sample_names):  # one video per caption (action)
                 with autocast:  # frozen weights are bf16/fp16 on GPU, the trained ones fp32
@@ -334,7 +427,7 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
                             settings["fps"])
             model.train()
     model.eval()
-    if history:
+    if history and rank == 0:
         plot_losses(history, os.path.join(args.out, "loss.png"), [k for k in history[-1] if k != "step"])
         final = sorted(glob.glob(os.path.join(args.out, "checkpoint-??????")))[-1]
         for f in ("flash.safetensors", "settings.json"):  # newest weights also at the top of the output folder
@@ -357,7 +450,8 @@ def check_args(args):
         v = getattr(args, name)
         if v <= 0 or v % 8:
             raise ValueError(f"--{name} {v}: want a positive multiple of 8 (the VAE works on 8x8 blocks)")
-    for name, lo in (("frames", 2), ("steps", 1), ("stride", 1), ("log_every", 1), ("save_every", 1), ("keep", 1)):
+    for name, lo in (("frames", 2), ("steps", 1), ("stride", 1), ("log_every", 1), ("save_every", 1), ("keep", 1),
+                     ("grad_accum", 1)):
         if getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: want at least {lo}")
     if not args.lr > 0:
@@ -414,6 +508,9 @@ def main(argv=None):
         p.set_defaults(**{k: v for k, v in saved.items() if k in vars(args)})
         args = p.parse_args(argv)
     check_args(args)
+    rank, _ = init_distributed(args)  # torchrun: one process per GPU; plain python: no process group
+    if rank > 0:  # rank 0 alone prints (load summaries, log lines); every rank's errors still reach stderr
+        sys.stdout = open(os.devnull, "w")
     print(json.dumps(vars(args)))
     videos = load_videos(args.videos, args.prompt, args.frames, args.stride, short_side=min(args.height, args.width))
     pipe = load_pipeline(args.base, args.motion_module if args.stage == "unet" else None, device=args.device,
@@ -430,6 +527,8 @@ def main(argv=None):
         pipe.vae = load_vae(args.base, **detail_overrides(vars(args))).to(args.device)
         pipe.unet.to("cpu"), pipe.text_encoder.to("cpu")
     train(args, pipe, videos, embeds, null_embed=null_embed)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     print(f"done: weights in {os.path.join(args.out, 'flash.safetensors')}; "
           f"sample with: python sample.py --checkpoint {args.out} --image ref.png")
 
