@@ -46,7 +46,7 @@ PRETRAIN = dict(vae=800, unet=1000, motion=1600)
 PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
-MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise is shared by all frames
+MIXED_NOISE = 0.9  # PYoCo's mixed noise prior: 90 % of each frame's noise variance is shared by all frames (docs/demo.md)
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at

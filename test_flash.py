@@ -2595,6 +2595,8 @@ class TestDemo:
         assert sum(p.stat().st_size for p in demo.BASE.rglob("*")) <= 20 * 2**20
         for stage, (first, last) in build["losses"].items():
             assert last < first, stage
+        assert build["mixed_noise"] == demo.MIXED_NOISE  # the prior the demo trains and samples with
+        assert set(build["gates"]["passed"]) == set(demo.GATES) and len(build["gate_rows"]["t2v"]) == len(demo.MOTIONS)
         pipe = demo.load_base(demo.BASE, "cpu")  # sample.py's strict loader, the SD-1.5 + AnimateDiff layouts
         assert pipe.info["motion_version"] == "v2" and pipe.info["unet_format"] == "diffusers"
         proj = [p for k, p in pipe.unet.named_parameters() if "temporal_transformer.proj_out.weight" in k]
