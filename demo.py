@@ -46,7 +46,8 @@ PRETRAIN = dict(vae=800, unet=1000, motion=1600)
 PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
-MIXED_NOISE = 0.9  # PYoCo's mixed noise prior: 90 % of each frame's noise variance is shared by all frames (docs/demo.md)
+MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise variance is shared by all frames
+X0_WEIGHT = 20.0  # the pretraining loss's cap on 1/SNR (diffusion_loss; docs/demo.md)
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
@@ -335,11 +336,16 @@ def pretrain_vae(frames, steps, gen, dev):
 
 def diffusion_loss(unet, z0, ctx, acp, gen):
     """eps-MSE with every frame noised at one uniform t per sample (SD, and AnimateDiff's motion training), the noise
-    drawn from the mixed prior (sample.video_noise; single frames: plain N(0, I))"""
+    drawn from the mixed prior (sample.video_noise; single frames: plain N(0, I)), each sample weighted by
+    clamp(1/SNR_t, 1, X0_WEIGHT): the eps-MSE is the clean-latent MSE times SNR_t = a/(1-a), so at large t it barely
+    sees the decisions made there (colours, layout, where the object is in each frame); 1/SNR turns the loss into the
+    clean-latent MSE, capped so the largest t (1/SNR = 215 at t = 999) do not swamp the rest"""
     t = torch.randint(len(acp), (len(z0),), generator=gen).to(z0.device)
     noise = video_noise(z0.shape, gen, MIXED_NOISE).to(z0.device)
     a = acp[t].view(-1, 1, 1, 1, 1)
-    return F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx), noise)
+    w = ((1 - a) / a).clamp(1, X0_WEIGHT).flatten()
+    err = (unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx) - noise).square().mean(dim=(1, 2, 3, 4))
+    return (w * err).mean()
 
 
 def pretrain(unet, text_encoder, latents, labels, ids, steps, stage, gen):
@@ -426,7 +432,7 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     files = {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "build.json"}
     first_last = lambda v, k: [round(float(np.mean(v[:k])), 5), round(float(np.mean(v[-k:])), 5)]
     build = dict(seconds=train_s, seed=seed, threads=torch.get_num_threads(), steps=steps, lr=LR, batch=BATCH,
-                 mixed_noise=MIXED_NOISE, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
+                 mixed_noise=MIXED_NOISE, x0_weight=X0_WEIGHT, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
                  losses=dict(vae=first_last(vae_losses, 5), unet=first_last(unet_losses, 5),
                              motion=first_last(motion_losses, 20)),
                  gates={k: v for k, v in gates.items() if not k.endswith("_rows")}, gate_rows=dict(
