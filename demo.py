@@ -42,12 +42,12 @@ TEXT_CFG = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, 
 UNET_CFG = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
                       norm_num_groups=8, down_attention=(False, True, True), motion_max_len=32)  # latents 16, 8, 4
 # pretraining (python demo.py pretrain): steps, learning rates, batches; the pools it draws from
-PRETRAIN = dict(vae=800, unet=1000, motion=1600)
+PRETRAIN = dict(vae=800, unet=1000, motion=2400)
 PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
 MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise variance is shared by all frames
-X0_WEIGHT = 20.0  # the pretraining loss's cap on 1/SNR (diffusion_loss; docs/demo.md)
+SHARED_MEAN = True  # sampling: every frame's initial noise has frame 1's spatial mean (sample.video_noise)
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
@@ -337,13 +337,13 @@ def pretrain_vae(frames, steps, gen, dev):
 def diffusion_loss(unet, z0, ctx, acp, gen):
     """eps-MSE with every frame noised at one uniform t per sample (SD, and AnimateDiff's motion training), the noise
     drawn from the mixed prior (sample.video_noise; single frames: plain N(0, I)), each sample weighted by
-    clamp(1/SNR_t, 1, X0_WEIGHT): the eps-MSE is the clean-latent MSE times SNR_t = a/(1-a), so at large t it barely
-    sees the decisions made there (colours, layout, where the object is in each frame); 1/SNR turns the loss into the
-    clean-latent MSE, capped so the largest t (1/SNR = 215 at t = 999) do not swamp the rest"""
+    max(1, 1/SNR_t), Salimans & Ho's "truncated SNR" weighting (arXiv 2202.00512 Sec. 4): the eps-MSE is the
+    clean-latent MSE times SNR_t = a/(1-a), so at large t (SNR 1/632 at t = 999) it barely sees the decisions made
+    there (colours, layout, where the object is in each frame); there the loss becomes the clean-latent MSE"""
     t = torch.randint(len(acp), (len(z0),), generator=gen).to(z0.device)
     noise = video_noise(z0.shape, gen, MIXED_NOISE).to(z0.device)
     a = acp[t].view(-1, 1, 1, 1, 1)
-    w = ((1 - a) / a).clamp(1, X0_WEIGHT).flatten()
+    w = ((1 - a) / a).clamp(min=1).flatten()
     err = (unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx) - noise).square().mean(dim=(1, 2, 3, 4))
     return (w * err).mean()
 
@@ -432,7 +432,8 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     files = {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "build.json"}
     first_last = lambda v, k: [round(float(np.mean(v[:k])), 5), round(float(np.mean(v[-k:])), 5)]
     build = dict(seconds=train_s, seed=seed, threads=torch.get_num_threads(), steps=steps, lr=LR, batch=BATCH,
-                 mixed_noise=MIXED_NOISE, x0_weight=X0_WEIGHT, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
+                 mixed_noise=MIXED_NOISE, loss_weight="max(1, 1/SNR)",
+                 shared_noise_mean=SHARED_MEAN, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
                  losses=dict(vae=first_last(vae_losses, 5), unet=first_last(unet_losses, 5),
                              motion=first_last(motion_losses, 20)),
                  gates={k: v for k, v in gates.items() if not k.endswith("_rows")}, gate_rows=dict(
@@ -487,13 +488,14 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
         shape, motion = caption.split(" ", 1)
         path = motion_path(motion, FRAMES, SIZE)
         v = animate(pipe, None, f"a {caption}", frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i,
-                    steps=steps, guidance=SAMPLING["guidance"], adain="off", mixed_noise=MIXED_NOISE, progress=False)
+                    steps=steps, guidance=SAMPLING["guidance"], adain="off", mixed_noise=MIXED_NOISE,
+                    shared_mean=SHARED_MEAN, progress=False)
         t2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path)))
         look = dict(draw_look(g, dict(ALL, shapes=(shape,))))
         start = place(path, g)
         ref = render(look, start[None], SIZE)[0]
         v = animate(pipe, ref, f"a {caption}", frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i,
-                    mixed_noise=MIXED_NOISE, progress=False, **{**SAMPLING, "steps": steps})
+                    mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN, progress=False, **{**SAMPLING, "steps": steps})
         i2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path, start)))
     mean = lambda rows: {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "caption"}
     r = dict(vae_psnr=vae_psnr(pipe.vae), t2v=mean(t2v), i2v=mean(i2v), t2v_rows=t2v, i2v_rows=i2v, steps=steps)
@@ -565,7 +567,7 @@ def evaluate(pipe, refs, starts, seed, out, steps, detail=True):
     videos, scores, static = [], [], []
     for i in tqdm(range(len(refs)), desc="animate"):
         v = animate(pipe, refs[i], PROMPT, frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i, progress=False,
-                    mixed_noise=MIXED_NOISE, detail=detail, **{**SAMPLING, "steps": steps})
+                    mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN, detail=detail, **{**SAMPLING, "steps": steps})
         write_video(v, out / f"ref{i}.gif", FPS)
         write_video(v, out / f"ref{i}.mp4", FPS)
         x = to_tensor(v)
@@ -648,7 +650,8 @@ def run(args, seed, variants, out, log):
         contact_sheet([data.to_uint8(clips[0]), *shown["#5"]], out / "flash_contact_sheet.png")
         demo_gif([data.to_uint8(c) for c in clips], shown["base"], shown["#5"], out / "demo.gif")
     report = dict(seed=seed, wall_s=round(time.time() - t_start, 1), variant_wall_s=walls, prompt=PROMPT,
-                  flash=flash, sampling={**SAMPLING, "steps": sample_steps, "mixed_noise": MIXED_NOISE},
+                  flash=flash, sampling={**SAMPLING, "steps": sample_steps, "mixed_noise": MIXED_NOISE,
+                                                        "shared_noise_mean": SHARED_MEAN},
                   n_clips=N_CLIPS, n_refs=n_refs, motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
                   performs_rule="end_err < dx/3 and |peak - jump| < jump/3", validation_loss=val,
                   variants={k: VARIANTS[k][1] for k in variants}, **results["held_out"],

@@ -47,16 +47,21 @@ def ddim_timesteps(steps, n=TRAIN_STEPS, offset=1):
     return (torch.arange(steps) * (n // steps)).flip(0) + offset
 
 
-def video_noise(shape, generator, mixed=0.0):
+def video_noise(shape, generator, mixed=0.0, shared_mean=False):
     """N(0, I) noise for a (B,C,F,h,w) video. mixed in [0, 1): PYoCo's mixed noise prior (arXiv 2305.10474 Sec. 3.2,
     Eq. 4 with mixed = a^2 / (1 + a^2)): every frame = sqrt(mixed) * one draw shared by all frames + sqrt(1 - mixed) *
     its own draw, so each frame stays N(0, I) and any two frames correlate by `mixed`. 0 (SD-1.5 + AnimateDiff's own
     training): independent frames, the same draw as torch.randn(shape). A model must be trained with the prior it is
-    sampled with (train.py and sample.py --mixed-noise; the demo's toy base uses it, real AnimateDiff does not)."""
+    sampled with (train.py and sample.py --mixed-noise; the demo's toy base uses it, real AnimateDiff does not).
+    shared_mean: a sampling switch, no retraining: at t = T SD's schedule keeps sqrt(a_T) = 0.04 of the signal, so the
+    noise's spatial mean decides each frame's overall colour; sharing it (the mean of iid N(0, 1) pixels is independent
+    of their deviations, so each frame's law is unchanged) keeps the background from flickering (docs/demo.md)."""
     noise = torch.randn(shape, generator=generator)
     if mixed:
         shared = torch.randn((*shape[:2], 1, *shape[3:]), generator=generator)  # B C 1 h w, broadcast over frames
         noise = math.sqrt(mixed) * shared + math.sqrt(1 - mixed) * noise
+    if shared_mean:  # every frame's per-channel spatial mean (its "DC") := frame 1's; frames stay exactly N(0, I)
+        noise = noise - noise.mean(dim=(3, 4), keepdim=True) + noise[:, :, :1].mean(dim=(3, 4), keepdim=True)
     return noise
 
 
@@ -599,7 +604,7 @@ def cross_frame_attention(unet, on):
             m.cross_frame = was
 
 
-def encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise):
+def encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise, shared_mean=False):
     """The prompt's embeddings, E(I) and the initial noise -> run (ctx, z0, done, g, ts); returns the image batch
     (1,3,H,W) or None, and the noise of the first U-Net call (1,4,min(N, context),h,w)."""
     pipe, vae = run.pipe, run.pipe.vae
@@ -615,7 +620,7 @@ def encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise
         run.done[:, :, :1] = run.z0
     run.g = torch.Generator().manual_seed(seed)
     run.acp, run.ts, run.dt = alphas_cumprod().to(dev), ddim_timesteps(run.steps).tolist(), TRAIN_STEPS // run.steps
-    return img, video_noise(shape, run.g, mixed_noise)  # the plain sampler's draw in every mode
+    return img, video_noise(shape, run.g, mixed_noise, shared_mean)  # the plain sampler's draw in every mode
 
 
 def decode(pipe, x, img, detail=True):
@@ -636,7 +641,7 @@ def decode(pipe, x, img, detail=True):
 def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidance=7.5, seed=0, height=None,
             width=None, adain=None, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
             context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
-            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0, log=None):
+            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0, shared_mean=False, log=None):
     """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
     image None: AnimateDiff's own text-to-video (every frame from noise, cross-frame attention off, no AdaIN).
     adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
@@ -660,7 +665,7 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     run = sampling_plan(pipe, frames, steps, guidance, text_only, adain, long, context, overlap, gamma, loop,
                         loop_grad, shared_noise=shared_noise, omega=omega, loop_weight=loop_weight,
                         callback=callback, log=log)
-    img, noise = encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise)  # encode
+    img, noise = encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise, shared_mean)  # encode
     run.bar = iter(tqdm(range(run.calls), desc="DDIM" if run.mode == "plain" else f"DDIM {run.mode} (U-Net calls)",
                         disable=not progress))
     run.t0 = time.time()
@@ -807,7 +812,8 @@ def sidecar(args, pipe, file, out, secs):
                 negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps, guidance=args.guidance,
                 seed=args.seed, height=args.height, width=args.width, fps=args.fps, adain=args.adain,
                 hist_match=args.hist_match, shared_noise=args.shared_noise, mixed_noise=args.mixed_noise,
-                long=last["long"], context_frames=last["context_frames"], unet_calls=last["unet_calls"],
+                shared_noise_mean=args.shared_noise_mean, long=last["long"], context_frames=last["context_frames"],
+                unet_calls=last["unet_calls"],
                 overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
                 loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
                 detail=last["detail"], device=str(pipe.device), dtype=str(pipe.dtype)[6:],
@@ -832,7 +838,7 @@ def run(args):
     kw = dict(adain=args.adain, shared_noise=args.shared_noise, detail=not args.no_detail, long=args.long,
               context=args.context_frames, overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
               loop_weight=args.loop_weight, loop_grad=args.loop_grad, hist_match=args.hist_match,
-              mixed_noise=args.mixed_noise)
+              mixed_noise=args.mixed_noise, shared_mean=args.shared_noise_mean)
     plan = sampling_plan(pipe, args.frames, args.steps, args.guidance, not args.image, args.adain, args.long,
                          args.context_frames, args.overlap, args.gamma, args.loop, args.loop_grad)
     print(plan_line(args, plan, len(files)), flush=True)
@@ -901,6 +907,10 @@ def get_parser():
     p.add_argument("--mixed-noise", type=float,
                    help="PYoCo mixed noise prior: share of the initial noise common to all frames (default: the "
                         "checkpoint's training value, else 0 = independent frames, as SD-1.5 + AnimateDiff)")
+    p.add_argument("--shared-noise-mean", action="store_true",
+                   help="every frame's initial noise has frame 1's per-channel mean (each frame stays N(0, I)): the "
+                        "mean sets a frame's overall colour at t = T, so the background stops flickering; needs no "
+                        "retraining (docs/demo.md)")
     p.add_argument("--no-detail", action="store_true", help="decode with the plain SD decoder (ablation)")
     p.add_argument("--no-detail-full-res", action="store_true",
                    help="skip the detail decoder's full-resolution patch attention if it was trained with it "

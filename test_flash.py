@@ -1615,6 +1615,20 @@ class TestSample:
             assert abs(a.std().item() - 1) < 0.01 and abs(b.std().item() - 1) < 0.01
             assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item() - share) < 0.01
 
+    def test_shared_noise_mean_changes_only_the_mean(self):
+        # --shared-noise-mean: every frame's per-channel spatial mean is frame 1's, the deviations are the plain
+        # draw's, and each frame is still N(0, I): the spatial mean of h*w iid N(0, 1) has std 1/sqrt(h*w)
+        shape = (4000, 2, 3, 8, 8)
+        plain = S.video_noise(shape, torch.Generator().manual_seed(5), 0.3)
+        n = S.video_noise(shape, torch.Generator().manual_seed(5), 0.3, shared_mean=True)
+        dc, dc_plain = n.mean(dim=(3, 4)), plain.mean(dim=(3, 4))
+        torch.testing.assert_close(dc, dc[:, :, :1].expand_as(dc), atol=1e-6, rtol=0)
+        torch.testing.assert_close(dc[:, :, 0], dc_plain[:, :, 0])  # frame 1 keeps its own
+        torch.testing.assert_close(n - dc[..., None, None], plain - dc_plain[..., None, None], atol=1e-6, rtol=0)
+        assert abs(dc[:, :, 2].std().item() * 8 - 1) < 0.03  # frame 3's mean: std 1/8 over 8000 draws
+        assert abs(n[:, :, 2].std().item() - 1) < 0.01
+        assert not torch.allclose(dc_plain[:, :, 2], dc_plain[:, :, 0])  # without the switch frames differ
+
     def test_ddim_matches_diffusers(self):
         diffusers = pytest.importorskip("diffusers")
         ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
@@ -2013,7 +2027,7 @@ class TestSample:
     def test_cli_text_to_video_plan_line_and_rough_edges(self, sd, tmp_path):
         common = ["--base", sd, "--motion-module", sd / "motion_module.safetensors", "--prompt", "wave", "--height", H,
                   "--width", W, "--steps", 2, "--device", "cpu", "--seed", 1]
-        procs = {"t2v": cli(*common, "--frames", 6, "--out", tmp_path / "t.mp4"),
+        procs = {"t2v": cli(*common, "--frames", 6, "--shared-noise-mean", "--out", tmp_path / "t.mp4"),
                  "loop": cli(*common, "--image", sd / "ref.png", "--loop", "--loop-weight", "1e30",
                              "--out", tmp_path / "l.mp4"),
                  "naive": cli(*common, "--frames", 40, "--long", "naive", "--out", tmp_path / "n.mp4"),
@@ -2025,6 +2039,7 @@ class TestSample:
         assert re.search(r"2 U-Net calls of up to 6 frames; the first took [0-9.]+ s: about [0-9.e+-]+ s in all", out)
         meta = json.loads((tmp_path / "t.json").read_text())
         assert meta["image"] is None and meta["mode"] == "text-to-video" and meta["adain"] == "off"
+        assert meta["shared_noise_mean"] is True and meta["mixed_noise"] == 0.0
         assert (tmp_path / "t.mp4").stat().st_size > 0
         for k, match in (("loop", "--loop-weight 1e+30: want 0 to 10"), ("naive", "--long naive restarts"),
                          ("adain", "--adain lamp aligns")):
@@ -2596,6 +2611,7 @@ class TestDemo:
         for stage, (first, last) in build["losses"].items():
             assert last < first, stage
         assert build["mixed_noise"] == demo.MIXED_NOISE  # the prior the demo trains and samples with
+        assert build["shared_noise_mean"] == demo.SHARED_MEAN and build["loss_weight"] == "max(1, 1/SNR)"
         assert set(build["gates"]["passed"]) == set(demo.GATES) and len(build["gate_rows"]["t2v"]) == len(demo.MOTIONS)
         pipe = demo.load_base(demo.BASE, "cpu")  # sample.py's strict loader, the SD-1.5 + AnimateDiff layouts
         assert pipe.info["motion_version"] == "v2" and pipe.info["unet_format"] == "diffusers"
