@@ -651,7 +651,7 @@ def run(args, seed, variants, out, log):
         demo_gif([data.to_uint8(c) for c in clips], shown["base"], shown["#5"], out / "demo.gif")
     report = dict(seed=seed, wall_s=round(time.time() - t_start, 1), variant_wall_s=walls, prompt=PROMPT,
                   flash=flash, sampling={**SAMPLING, "steps": sample_steps, "mixed_noise": MIXED_NOISE,
-                                                        "shared_noise_mean": SHARED_MEAN},
+                                                        "shared_mean": SHARED_MEAN},
                   n_clips=N_CLIPS, n_refs=n_refs, motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
                   performs_rule="end_err < dx/3 and |peak - jump| < jump/3", validation_loss=val,
                   variants={k: VARIANTS[k][1] for k in variants}, **results["held_out"],
