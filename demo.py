@@ -826,7 +826,7 @@ def measure_long(pipe, refs, starts, out, frames=64, steps=None, seed=0):
         for j, (name, kw) in enumerate(runs):
             t0 = time.time()
             v = animate(pipe, refs[i], PROMPT, height=SIZE, width=SIZE, seed=seed + i, progress=False,
-                        **{**SAMPLING, "steps": steps, **kw})
+                        mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN, **{**SAMPLING, "steps": steps, **kw})
             secs = time.time() - t0
             if i == 0:  # the first reference's videos, numbered as the table's rows
                 write_video(v, out / f"ref0_row{j}.gif", FPS)
