@@ -48,6 +48,7 @@ LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
 MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise variance is shared by all frames
 SHARED_MEAN = True  # sampling: every frame's initial noise has frame 1's spatial mean (sample.video_noise)
+NOISE = dict(mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN)  # how every demo video draws its initial noise
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
@@ -488,14 +489,13 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
         shape, motion = caption.split(" ", 1)
         path = motion_path(motion, FRAMES, SIZE)
         v = animate(pipe, None, f"a {caption}", frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i,
-                    steps=steps, guidance=SAMPLING["guidance"], adain="off", mixed_noise=MIXED_NOISE,
-                    shared_mean=SHARED_MEAN, progress=False)
+                    steps=steps, guidance=SAMPLING["guidance"], adain="off", progress=False, **NOISE)
         t2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path)))
         look = dict(draw_look(g, dict(ALL, shapes=(shape,))))
         start = place(path, g)
         ref = render(look, start[None], SIZE)[0]
         v = animate(pipe, ref, f"a {caption}", frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i,
-                    mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN, progress=False, **{**SAMPLING, "steps": steps})
+                    progress=False, **NOISE, **{**SAMPLING, "steps": steps})
         i2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path, start)))
     mean = lambda rows: {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "caption"}
     r = dict(vae_psnr=vae_psnr(pipe.vae), t2v=mean(t2v), i2v=mean(i2v), t2v_rows=t2v, i2v_rows=i2v, steps=steps)
@@ -567,7 +567,7 @@ def evaluate(pipe, refs, starts, seed, out, steps, detail=True):
     videos, scores, static = [], [], []
     for i in tqdm(range(len(refs)), desc="animate"):
         v = animate(pipe, refs[i], PROMPT, frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i, progress=False,
-                    mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN, detail=detail, **{**SAMPLING, "steps": steps})
+                    detail=detail, **NOISE, **{**SAMPLING, "steps": steps})
         write_video(v, out / f"ref{i}.gif", FPS)
         write_video(v, out / f"ref{i}.mp4", FPS)
         x = to_tensor(v)
@@ -650,8 +650,7 @@ def run(args, seed, variants, out, log):
         contact_sheet([data.to_uint8(clips[0]), *shown["#5"]], out / "flash_contact_sheet.png")
         demo_gif([data.to_uint8(c) for c in clips], shown["base"], shown["#5"], out / "demo.gif")
     report = dict(seed=seed, wall_s=round(time.time() - t_start, 1), variant_wall_s=walls, prompt=PROMPT,
-                  flash=flash, sampling={**SAMPLING, "steps": sample_steps, "mixed_noise": MIXED_NOISE,
-                                                        "shared_mean": SHARED_MEAN},
+                  flash=flash, sampling={**SAMPLING, "steps": sample_steps, **NOISE},
                   n_clips=N_CLIPS, n_refs=n_refs, motion=dict(dx_px=DISP, jump_px=JUMP, frames=FRAMES, size=SIZE),
                   performs_rule="end_err < dx/3 and |peak - jump| < jump/3", validation_loss=val,
                   variants={k: VARIANTS[k][1] for k in variants}, **results["held_out"],
@@ -826,7 +825,7 @@ def measure_long(pipe, refs, starts, out, frames=64, steps=None, seed=0):
         for j, (name, kw) in enumerate(runs):
             t0 = time.time()
             v = animate(pipe, refs[i], PROMPT, height=SIZE, width=SIZE, seed=seed + i, progress=False,
-                        mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN, **{**SAMPLING, "steps": steps, **kw})
+                        **NOISE, **{**SAMPLING, "steps": steps, **kw})
             secs = time.time() - t0
             if i == 0:  # the first reference's videos, numbered as the table's rows
                 write_video(v, out / f"ref0_row{j}.gif", FPS)

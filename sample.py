@@ -53,7 +53,7 @@ def video_noise(shape, generator, mixed=0.0, shared_mean=False):
     its own draw, so each frame stays N(0, I) and any two frames correlate by `mixed`. 0 (SD-1.5 + AnimateDiff's own
     training): independent frames, the same draw as torch.randn(shape). A model must be trained with the prior it is
     sampled with (train.py and sample.py --mixed-noise; the demo's toy base uses it, real AnimateDiff does not).
-    shared_mean: a sampling switch, no retraining: at t = T SD's schedule keeps sqrt(a_T) = 0.04 of the signal, so the
+    shared_mean: a sampling switch, no retraining: at t = T the linear betas keep sqrt(a_T) = 0.04 of the signal, so the
     noise's spatial mean decides each frame's overall colour; sharing it (the mean of iid N(0, 1) pixels is independent
     of their deviations, so each frame's law is unchanged) keeps the background from flickering (docs/demo.md)."""
     noise = torch.randn(shape, generator=generator)

@@ -2624,6 +2624,21 @@ class TestDemo:
         sims = torch.cosine_similarity(flat[:, None], flat[None], dim=-1)
         assert (sims[~torch.eye(4, dtype=bool)] < 0.999).all()  # the text encoder tells the prompts apart
 
+    def test_pretrain_loss_is_truncated_snr_weighted(self):
+        # a stub U-Net that returns the true noise + c: each sample's eps-MSE is c^2, so the loss must be
+        # c^2 * mean_t max(1, (1 - a_t) / a_t) (Salimans & Ho's truncated SNR weighting) over the t it was called with
+        acp, z0, c, seen = S.alphas_cumprod(), torch.randn(64, 4, 3, 4, 4), 0.1, []
+
+        def unet(x, t, ctx):
+            seen.append(t)
+            a = acp[t].view(-1, 1, 1, 1, 1)
+            return (x - a.sqrt() * z0) / (1 - a).sqrt() + c
+        loss = demo.diffusion_loss(unet, z0, None, acp, torch.Generator().manual_seed(0))
+        a = acp[seen[0]]
+        want = c ** 2 * torch.maximum(torch.ones_like(a), (1 - a) / a).mean()
+        assert seen[0].unique().numel() > 10 and ((1 - a) / a > 1).any() and ((1 - a) / a < 1).any()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
     def test_pretrain_fast_writes_loadable_layouts(self, tmp_path):
         result = demo.main(["pretrain", "--fast", "--threads", "1", "--out", str(tmp_path / "base")])
         build = json.loads((tmp_path / "base" / "build.json").read_text())
