@@ -42,11 +42,12 @@ TEXT_CFG = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, 
 UNET_CFG = UNetConfig(block_out_channels=(32, 32, 64), layers_per_block=1, attention_heads=2, cross_attention_dim=32,
                       norm_num_groups=8, down_attention=(False, True, True), motion_max_len=32)  # latents 16, 8, 4
 # pretraining (python demo.py pretrain): steps, learning rates, batches; the pools it draws from
-PRETRAIN = dict(vae=800, unet=1000, motion=2400)
+PRETRAIN = dict(vae=800, unet=1000, motion=3200)
 PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
 MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise variance is shared by all frames
+I2V_FRACTION = 0.5  # video stage: this share of batches in FLASH's image-to-video setting (clean frame 1, cross-frame attention)
 SHARED_MEAN = True  # sampling: every frame's initial noise has frame 1's spatial mean (sample.video_noise)
 NOISE = dict(mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN)  # how every demo video draws its initial noise
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
@@ -335,25 +336,30 @@ def pretrain_vae(frames, steps, gen, dev):
     return vae.eval().requires_grad_(False), losses
 
 
-def diffusion_loss(unet, z0, ctx, acp, gen):
+def diffusion_loss(unet, z0, ctx, acp, gen, clean_first=False):
     """eps-MSE with every frame noised at one uniform t per sample (SD, and AnimateDiff's motion training), the noise
     drawn from the mixed prior (sample.video_noise; single frames: plain N(0, I)), each sample weighted by
     max(1, 1/SNR_t), Salimans & Ho's "truncated SNR" weighting (arXiv 2202.00512 Sec. 4): the eps-MSE is the
     clean-latent MSE times SNR_t = a/(1-a), so at large t (SNR 1/632 at t = 999) it barely sees the decisions made
-    there (colours, layout, where the object is in each frame); there the loss becomes the clean-latent MSE"""
+    there (colours, layout, where the object is in each frame); there the loss becomes the clean-latent MSE.
+    clean_first: FLASH's image-to-video layout (Sec. 3.1): frame 1 stays clean and only frames 2..F are scored."""
     t = torch.randint(len(acp), (len(z0),), generator=gen).to(z0.device)
     noise = video_noise(z0.shape, gen, MIXED_NOISE).to(z0.device)
     a = acp[t].view(-1, 1, 1, 1, 1)
     w = ((1 - a) / a).clamp(min=1).flatten()
-    err = (unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ctx) - noise).square().mean(dim=(1, 2, 3, 4))
+    xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    if clean_first:
+        xt[:, :, 0] = z0[:, :, 0]
+    err = (unet(xt, t, ctx) - noise)[:, :, int(clean_first):].square().mean(dim=(1, 2, 3, 4))
     return (w * err).mean()
 
 
-def pretrain(unet, text_encoder, latents, labels, ids, steps, stage, gen):
+def pretrain(unet, text_encoder, latents, labels, ids, steps, stage, gen, i2v_fraction=0.0):
     """one base stage: AdamW on the U-Net's trainable parameters and the text encoder (trained with it, as CLIP
     was trained before SD used it; here jointly, on the captions), batches of latents (N,4,F,h,w) with caption ids
     `labels` into the token ids `ids` (ids[0] = the empty prompt, drawn 10 % of the time so classifier-free guidance
-    has an unconditional branch)"""
+    has an unconditional branch). A share i2v_fraction of the batches is in FLASH's image-to-video setting (clean
+    first frame, cross-frame attention on); the rest is AnimateDiff's text-to-video (cross-frame attention off)."""
     params = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.0)
     acp, losses, dev = alphas_cumprod().to(latents.device), [], latents.device
@@ -364,7 +370,10 @@ def pretrain(unet, text_encoder, latents, labels, ids, steps, stage, gen):
         idx = torch.randint(len(latents), (BATCH[stage],), generator=gen)
         drop = torch.rand(len(idx), generator=gen) < 0.1
         ctx = text_encoder(ids[torch.where(drop, 0, labels[idx]).to(dev)])
-        loss = diffusion_loss(unet, latents[idx], ctx, acp, gen)
+        i2v = i2v_fraction > 0 and torch.rand((), generator=gen).item() < i2v_fraction
+        for attn in T.cross_frame_layers(unet):
+            attn.cross_frame = i2v
+        loss = diffusion_loss(unet, latents[idx], ctx, acp, gen, clean_first=i2v)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -375,10 +384,11 @@ def pretrain(unet, text_encoder, latents, labels, ids, steps, stage, gen):
 
 def build_base(out, steps, seed=0, device="cpu", log=print):
     """SD's part (VAE; image U-Net and text encoder on single frames of every look, captioned with the shape), then
-    AnimateDiff's: motion modules inserted as the identity (proj_out = 0) and trained text-to-video on generic-motion
-    clips (every frame noised, no FLASH cross-frame attention), with the mixed noise prior; unlike AnimateDiff the
-    image layers and the text encoder train on with them (a toy this small cannot afford a frozen image prior that
-    never saw video). Writes the diffusers folder + motion module + build.json (with the gates, measure_base)."""
+    AnimateDiff's: motion modules inserted as the identity (proj_out = 0) and trained on generic-motion clips with
+    the mixed noise prior, text-to-video (every frame noised, no FLASH cross-frame attention) and, on I2V_FRACTION of
+    the batches, in FLASH's image-to-video layout; unlike AnimateDiff the image layers and the text encoder train on
+    with them (a toy this small cannot afford a frozen image prior that never saw video, nor has SD's self-attention
+    that carries a reference's look through FLASH's cross-frame keys untrained). Writes the diffusers folder + motion module + build.json (with the gates, measure_base)."""
     t0, dev = time.time(), torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -412,10 +422,9 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     for name, p in unet.named_parameters():
         if "temporal_transformer.proj_out." in name:
             torch.nn.init.zeros_(p)  # AnimateDiff: a new motion module starts as the identity
-    for attn in T.cross_frame_layers(unet):
-        attn.cross_frame = False  # AnimateDiff's U-Net: plain self-attention (FLASH adds the first frame's k, v)
     labels = torch.tensor([1 + len(SHAPES) + names.index(c) for c in captions])
-    unet, motion_losses = pretrain(unet, text_encoder, clip_lat, labels, ids, steps["motion"], "motion", gen)
+    unet, motion_losses = pretrain(unet, text_encoder, clip_lat, labels, ids, steps["motion"], "motion", gen,
+                                   I2V_FRACTION)
     for attn in T.cross_frame_layers(unet):
         attn.cross_frame = True
     log(f"video stage (motion modules, U-Net, text encoder): loss {np.mean(motion_losses[:20]):.4f} -> "
@@ -433,7 +442,7 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     files = {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "build.json"}
     first_last = lambda v, k: [round(float(np.mean(v[:k])), 5), round(float(np.mean(v[-k:])), 5)]
     build = dict(seconds=train_s, seed=seed, threads=torch.get_num_threads(), steps=steps, lr=LR, batch=BATCH,
-                 mixed_noise=MIXED_NOISE, loss_weight="max(1, 1/SNR)",
+                 mixed_noise=MIXED_NOISE, loss_weight="max(1, 1/SNR)", i2v_fraction=I2V_FRACTION,
                  shared_noise_mean=SHARED_MEAN, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
                  losses=dict(vae=first_last(vae_losses, 5), unet=first_last(unet_losses, 5),
                              motion=first_last(motion_losses, 20)),

@@ -2639,6 +2639,24 @@ class TestDemo:
         assert seen[0].unique().numel() > 10 and ((1 - a) / a > 1).any() and ((1 - a) / a < 1).any()
         assert loss.item() == pytest.approx(want.item(), rel=1e-4)
 
+    def test_pretrain_image_to_video_batches_keep_frame_one_clean(self):
+        # clean_first: the U-Net must see frame 1 exactly clean and frames 2..F noised per q(x_t | x_0); a stub that is
+        # right on frames 2..F up to c and wrong by 100 on frame 1 must score c^2 * mean max(1, 1/SNR_t) (frame 1 unscored)
+        acp, z0, c, seen = S.alphas_cumprod(), torch.randn(64, 4, 3, 4, 4), 0.1, []
+
+        def unet(x, t, ctx):
+            seen.append((x.clone(), t))
+            a = acp[t].view(-1, 1, 1, 1, 1)
+            eps = (x - a.sqrt() * z0) / (1 - a).sqrt() + c
+            eps[:, :, 0] = 100.0
+            return eps
+        loss = demo.diffusion_loss(unet, z0, None, acp, torch.Generator().manual_seed(0), clean_first=True)
+        x, t = seen[0]
+        a = acp[t]
+        assert torch.equal(x[:, :, 0], z0[:, :, 0]) and not torch.allclose(x[:, :, 1], z0[:, :, 1])
+        assert loss.item() == pytest.approx((c ** 2 * torch.maximum(torch.ones_like(a), (1 - a) / a).mean()).item(),
+                                            rel=1e-4)
+
     def test_pretrain_fast_writes_loadable_layouts(self, tmp_path):
         result = demo.main(["pretrain", "--fast", "--threads", "1", "--out", str(tmp_path / "base")])
         build = json.loads((tmp_path / "base" / "build.json").read_text())
@@ -2903,6 +2921,20 @@ class TestRepo:
         links = re.findall(r"(?<!!)\[[^\]]*\]\(([^)#:]+)\)", text)  # relative links, not images or URLs
         assert {"docs/paper.md", "docs/demo.md", "docs/performance.md", "docs/tests.md"} <= set(links)
         assert [link for link in links if not (HERE / link).exists()] == []
+
+    def test_markdown_commands_sit_in_code_blocks(self):
+        # a command line outside a ``` block renders as prose (and its "# comment" as a heading): it happened to the
+        # README's command block once; every fence must also be closed
+        stray = []
+        for page in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]:
+            inside = False
+            for n, line in enumerate(page.read_text().splitlines(), 1):
+                if line.lstrip().startswith("```"):
+                    inside = not inside
+                elif not inside and re.match(r"(python|torchrun|bash|pip) ", line):
+                    stray.append(f"{page.name}:{n}")
+            stray += [f"{page.name}: unclosed ```"] if inside else []
+        assert stray == []
 
     def test_paper_map_names_functions_that_exist(self):
         """In docs/paper.md every `name` after a `file.py` (same table cell or index line) is defined in that file."""
