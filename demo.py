@@ -47,7 +47,7 @@ PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
 MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise variance is shared by all frames
-I2V_FRACTION = 0.5  # video stage: this share of batches in FLASH's image-to-video setting (clean frame 1, cross-frame attention)
+I2V_FRACTION = 0.5  # video stage: share of batches in FLASH's image-to-video layout (clean frame 1, cross-frame attn)
 SHARED_MEAN = True  # sampling: every frame's initial noise has frame 1's spatial mean (sample.video_noise)
 NOISE = dict(mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN)  # how every demo video draws its initial noise
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
@@ -386,9 +386,10 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     """SD's part (VAE; image U-Net and text encoder on single frames of every look, captioned with the shape), then
     AnimateDiff's: motion modules inserted as the identity (proj_out = 0) and trained on generic-motion clips with
     the mixed noise prior, text-to-video (every frame noised, no FLASH cross-frame attention) and, on I2V_FRACTION of
-    the batches, in FLASH's image-to-video layout; unlike AnimateDiff the image layers and the text encoder train on
-    with them (a toy this small cannot afford a frozen image prior that never saw video, nor has SD's self-attention
-    that carries a reference's look through FLASH's cross-frame keys untrained). Writes the diffusers folder + motion module + build.json (with the gates, measure_base)."""
+    the batches, in FLASH's image-to-video layout (SD's trained self-attention carries a reference's look through
+    FLASH's cross-frame keys; this toy's must learn to); unlike AnimateDiff the image layers and the text encoder
+    train on with them (a toy this small cannot afford a frozen image prior that never saw video). Writes the
+    diffusers folder + motion module + build.json (with the gates, measure_base)."""
     t0, dev = time.time(), torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
