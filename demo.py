@@ -54,7 +54,7 @@ POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion c
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
 # large t, where the eps-MSE barely sees them (README, "Embedded demo")
-FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0)
+FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0, lr_schedule="constant")
 FLASH_FAST = dict(FLASH, steps=4)  # --fast
 VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
     "#1": ("no_aug", "no strong augmentation", dict(strong_aug=False, motion_align=False, corr_align=False)),
@@ -537,6 +537,7 @@ def flash_args(base, out, flash, seed, device, **switches):
     """train.py's arguments for the demo's FLASH stage on top of `base`; switches: a VARIANTS entry"""
     a = T.get_parser().parse_args([])
     vars(a).update(stage="unet", steps=flash["steps"], lr=flash["lr"], timestep_alpha=flash["timestep_alpha"],
+                   lr_schedule=flash["lr_schedule"],
                    frames=FRAMES, stride=1, height=SIZE, width=SIZE, seed=seed, device=str(device), dtype="fp32",
                    out=str(out), gradient_checkpointing=False, save_every=flash["steps"], keep=1,
                    log_every=max(1, flash["steps"] // 6), prompt=PROMPT, flip=False,  # the action goes right
@@ -606,6 +607,7 @@ def run(args, seed, variants, out, log):
     #6 adds the Detail Enhancement Decoder to #5's U-Net"""
     t_start = time.time()
     flash = FLASH_FAST if args.fast else FLASH
+    flash = dict(flash, steps=args.flash_steps) if args.flash_steps else flash
     n_refs, sample_steps = (2, 4) if args.fast else (N_REFS, SAMPLING["steps"])
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -707,6 +709,8 @@ def get_parser():
     p.add_argument("--check-base", action="store_true",
                    help="only re-measure the base's gates (VAE PSNR, text-to-video, image-to-video) and compare them "
                         "with the ones its build.json recorded")
+    p.add_argument("--flash-steps", type=int, help=f"steps of the FLASH stage (default {FLASH['steps']}; 1800: "
+                   "0.26-0.39x the static floor on seeds 0-2 instead of 0.34-0.59x, about 14 min; docs/demo.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run each (default: --seed; 0 1 2 with "
                                                        "--ablation)")

@@ -464,7 +464,8 @@ def train_argv(tiny, out, *extra):
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    return demo.main(["--fast", "--ablation", "--seeds", "0", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    return demo.main(["--fast", "--ablation", "--seeds", "0", "--device", "cpu", "--threads", "1", "--out", str(out),
+                      "--flash-steps", "3"])
 
 
 # ====================================================================================================
@@ -2162,6 +2163,17 @@ class TestTrain:
             T.check_args(T.get_parser().parse_args(["--videos", "v", "--base", "b", "--motion-module", "m",
                                                     "--timestep-alpha", "1.5"]))
 
+    def test_cosine_lr_schedule_halves_at_midpoint_and_constant_stays(self):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
+        args = T.get_parser().parse_args(["--lr", "0.004", "--steps", "100"])
+        assert args.lr_schedule == "constant"  # A3.2's default
+        assert [T.set_learning_rate(opt, args, s) for s in (0, 50, 99)] == [0.004] * 3
+        args.lr_schedule = "cosine"  # 0.5 (1 + cos(pi s / S)): 1 at s = 0, 1/2 at S/2, (1 + cos(0.99 pi)) / 2 at S - 1
+        got = [T.set_learning_rate(opt, args, s) for s in range(100)]
+        assert got[0] == 0.004 and got[50] == pytest.approx(0.002) and opt.param_groups[0]["lr"] == got[-1]
+        assert got[-1] == pytest.approx(0.004 * (1 - math.cos(0.01 * math.pi)) / 2) and got[-1] < 1e-5
+        assert all(a > b for a, b in zip(got, got[1:]))
+
     def test_train_end_to_end_resume_and_sample(self, tiny, capsys):
         T.main(train_argv(tiny, tiny / "full", "--steps", "6", "--save-every", "3"))
         T.main(train_argv(tiny, tiny / "part", "--steps", "3", "--save-every", "3"))
@@ -2729,6 +2741,8 @@ class TestDemo:
             assert {k: settings[key][k] for k in switches} == switches, key
         assert settings["#6"]["stage"] == "decoder"
         assert all(settings[k]["mixed_noise"] == demo.MIXED_NOISE for k in ("#1", "#2", "#5"))  # the base's prior
+        assert all(settings[k]["steps"] == 3 and settings[k]["lr_schedule"] == demo.FLASH["lr_schedule"]
+                   for k in ("#1", "#2", "#5")) and report["flash"]["steps"] == 3  # --flash-steps reaches train.py
 
     def test_ablation_table_mean_and_spread(self, capsys):
         rows = lambda e: dict(mean_err=e, end_err=e, peak_err=e, jitter=e, performs=e > 1, per_reference=[{}])

@@ -80,6 +80,8 @@ def get_parser():
     # Optimisation
     p.add_argument("--steps", type=int, help="default 20000 (unet) / 10000 (decoder)")
     p.add_argument("--lr", type=float, help="default 5e-5 (unet) / 1e-4 (decoder)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant (A3.2) or cosine decay to 0 over --steps (the demo's short runs)")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--decoder-frames", type=int, default=4, help="frames decoded per step in the decoder stage")
@@ -115,6 +117,15 @@ def is_trainable(name, stage):
     if stage == "decoder":
         return name.startswith("decoder.detail.")
     return "motion_modules." in name or ".attn1.to_k." in name or ".attn1.to_v." in name
+
+
+def set_learning_rate(opt, args, step):
+    """--lr, constant as in A3.2, or (--lr-schedule cosine, our choice for short runs) decayed to 0 over --steps:
+    with batch 1 the weights keep the last steps' gradient noise; a decay averages it out. Returns the step's lr."""
+    lr = args.lr if args.lr_schedule == "constant" else args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def timestep_weights(alpha, T=1000):
@@ -395,6 +406,7 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
             average_gradients(list(params.values()), world * args.grad_accum)
         row = mean_row(rows, world, dev)
         torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+        lr = set_learning_rate(opt, args, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, **row})
@@ -405,7 +417,7 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
         last = step + 1 == args.steps
         if (step + 1) % args.log_every == 0 or last:
             losses = " | ".join(f"{k} {v:.4f}" for k, v in row.items())
-            log(f"step {step + 1:06d} | {losses} | lr {args.lr:.0e} | {busy / n_busy * 1000:.0f}ms/step | {peak:.1f}GB")
+            log(f"step {step + 1:06d} | {losses} | lr {lr:.1e} | {busy / n_busy * 1000:.0f}ms/step | {peak:.1f}GB")
             busy, n_busy = 0.0, 0
         if (step + 1) % args.save_every == 0 or last:
             states = gather_states(gens)  # every rank takes part; rank 0 writes
