@@ -381,11 +381,10 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
     slots = [rank * args.grad_accum + j for j in range(args.grad_accum)]  # this rank's share of the effective batch
     gens = [torch.Generator().manual_seed(stream_seed(args.seed, s)) for s in slots]
     step, history = resume(args.resume, params, prefix, opt, gens, slots, log) if args.resume else (0, [])
-    settings = {k: v for k, v in vars(args).items() if k != "resume"}
-    settings.update(world_size=world, effective_batch=world * args.grad_accum)
     clip_fps = statistics.median(v.fps / max(1, clip_stride(len(v.frames), args.frames, args.stride)) for v in videos)
-    settings.update(fps=round(clip_fps, 3), motion_version=pipe.info.get("motion_version"),
-                    captions=sorted({v.caption for v in videos}))
+    settings = {k: v for k, v in vars(args).items() if k != "resume"}
+    settings.update(world_size=world, effective_batch=world * args.grad_accum, fps=round(clip_fps, 3),
+                    motion_version=pipe.info.get("motion_version"), captions=sorted({v.caption for v in videos}))
     words = [prompt_words(c) for c in settings["captions"]]  # sample file names, one per caption
     sample_names = [w if words.count(w) == 1 else f"{w}_{i}" for i, w in enumerate(words)]
     autocast = torch.autocast(dev.type, dtype=pipe.dtype, enabled=pipe.dtype != torch.float32)
