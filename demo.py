@@ -266,11 +266,6 @@ def contact_sheet(videos, path):
 
 # ----------------------------------------------------------------------------- the pretrained base (SD + AnimateDiff)
 
-def cosine_lr(opt, lr, step, steps):
-    for group in opt.param_groups:
-        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
 def warm_start_vae(vae, anchor=10.0, offset=3.0):
     """Start the VAE as an RGB codec: latent channels 0-2 = the image 4x4-average-pooled, decoded by nearest
     upsampling (identity resnets and attention, averaging downsamplers). The GroupNorm before each conv_out is made
@@ -318,7 +313,7 @@ def pretrain_vae(frames, steps, gen, dev):
     opt = torch.optim.AdamW(vae.parameters(), lr=LR["vae"], weight_decay=0.0)
     losses, c = [], vae.config.latent_channels
     for i in tqdm(range(steps), desc="pretrain VAE"):
-        cosine_lr(opt, LR["vae"], i, steps)
+        T.set_lr(opt, LR["vae"], i, steps)
         x = frames[torch.randint(len(frames), (BATCH["vae"],), generator=gen)].to(dev)
         mean = vae.quant_conv(vae.encoder(x))[:, :c]
         loss = F.mse_loss(vae.decoder(vae.post_quant_conv(mean)), x)
@@ -363,15 +358,16 @@ def pretrain(unet, text_encoder, latents, labels, ids, steps, stage, gen, i2v_fr
     params = [p for p in [*unet.parameters(), *text_encoder.parameters()] if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR[stage], weight_decay=0.0)
     acp, losses, dev = alphas_cumprod().to(latents.device), [], latents.device
+    cross_frame = T.cross_frame_layers(unet)  # on in image-to-video batches, off in text-to-video ones
     unet.train()
     text_encoder.train()
     for i in tqdm(range(steps), desc=f"pretrain {stage}"):
-        cosine_lr(opt, LR[stage], i, steps)
+        T.set_lr(opt, LR[stage], i, steps)
         idx = torch.randint(len(latents), (BATCH[stage],), generator=gen)
         drop = torch.rand(len(idx), generator=gen) < 0.1
         ctx = text_encoder(ids[torch.where(drop, 0, labels[idx]).to(dev)])
         i2v = i2v_fraction > 0 and torch.rand((), generator=gen).item() < i2v_fraction
-        for attn in T.cross_frame_layers(unet):
+        for attn in cross_frame:
             attn.cross_frame = i2v
         loss = diffusion_loss(unet, latents[idx], ctx, acp, gen, clean_first=i2v)
         loss.backward()

@@ -2167,9 +2167,9 @@ class TestTrain:
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
         args = T.get_parser().parse_args(["--lr", "0.004", "--steps", "100"])
         assert args.lr_schedule == "constant"  # A3.2's default
-        assert [T.set_learning_rate(opt, args, s) for s in (0, 50, 99)] == [0.004] * 3
-        args.lr_schedule = "cosine"  # 0.5 (1 + cos(pi s / S)): 1 at s = 0, 1/2 at S/2, (1 + cos(0.99 pi)) / 2 at S - 1
-        got = [T.set_learning_rate(opt, args, s) for s in range(100)]
+        assert [T.set_lr(opt, args.lr, s) for s in (0, 50, 99)] == [0.004] * 3
+        # cosine: 0.5 (1 + cos(pi s / S)): 1 at s = 0, 1/2 at S/2, (1 + cos(0.99 pi)) / 2 at S - 1
+        got = [T.set_lr(opt, args.lr, s, args.steps) for s in range(100)]
         assert got[0] == 0.004 and got[50] == pytest.approx(0.002) and opt.param_groups[0]["lr"] == got[-1]
         assert got[-1] == pytest.approx(0.004 * (1 - math.cos(0.01 * math.pi)) / 2) and got[-1] < 1e-5
         assert all(a > b for a, b in zip(got, got[1:]))

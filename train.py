@@ -119,10 +119,11 @@ def is_trainable(name, stage):
     return "motion_modules." in name or ".attn1.to_k." in name or ".attn1.to_v." in name
 
 
-def set_learning_rate(opt, args, step):
-    """--lr, constant as in A3.2, or (--lr-schedule cosine, our choice for short runs) decayed to 0 over --steps:
-    with batch 1 the weights keep the last steps' gradient noise; a decay averages it out. Returns the step's lr."""
-    lr = args.lr if args.lr_schedule == "constant" else args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+def set_lr(opt, lr, step=0, cosine_steps=0):
+    """Every param group's lr := `lr` (constant, A3.2), or with cosine_steps > 0 `lr` decayed to 0 over them:
+    0.5 (1 + cos(pi step / cosine_steps)) lr (--lr-schedule cosine, our choice for short runs: with batch 1 the weights
+    keep the last steps' gradient noise, a decay averages it out; the demo's pretraining). Returns the step's lr."""
+    lr = lr * 0.5 * (1 + math.cos(math.pi * step / cosine_steps)) if cosine_steps else lr
     for group in opt.param_groups:
         group["lr"] = lr
     return lr
@@ -405,7 +406,7 @@ def train(args, pipe, videos, embeds, log=print, null_embed=None):
             average_gradients(list(params.values()), world * args.grad_accum)
         row = mean_row(rows, world, dev)
         torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
-        lr = set_learning_rate(opt, args, step)
+        lr = set_lr(opt, args.lr, step, args.steps if args.lr_schedule == "cosine" else 0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, **row})
