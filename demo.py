@@ -54,7 +54,7 @@ POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion c
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
 # large t, where the eps-MSE barely sees them (README, "Embedded demo")
-FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0, lr_schedule="constant")
+FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0, lr_schedule="constant", ema_decay=0.0)
 FLASH_FAST = dict(FLASH, steps=4)  # --fast
 VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
     "#1": ("no_aug", "no strong augmentation", dict(strong_aug=False, motion_align=False, corr_align=False)),
@@ -533,7 +533,7 @@ def flash_args(base, out, flash, seed, device, **switches):
     """train.py's arguments for the demo's FLASH stage on top of `base`; switches: a VARIANTS entry"""
     a = T.get_parser().parse_args([])
     vars(a).update(stage="unet", steps=flash["steps"], lr=flash["lr"], timestep_alpha=flash["timestep_alpha"],
-                   lr_schedule=flash["lr_schedule"],
+                   lr_schedule=flash["lr_schedule"], ema_decay=flash["ema_decay"],
                    frames=FRAMES, stride=1, height=SIZE, width=SIZE, seed=seed, device=str(device), dtype="fp32",
                    out=str(out), gradient_checkpointing=False, save_every=flash["steps"], keep=1,
                    log_every=max(1, flash["steps"] // 6), prompt=PROMPT, flip=False,  # the action goes right

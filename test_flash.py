@@ -2174,6 +2174,38 @@ class TestTrain:
         assert got[-1] == pytest.approx(0.004 * (1 - math.cos(0.01 * math.pi)) / 2) and got[-1] < 1e-5
         assert all(a > b for a, b in zip(got, got[1:]))
 
+    def test_ema_update_is_the_exponential_average(self):
+        # from 0, k updates towards a constant c give c (1 - d^k); then one step towards a new value v moves by (1 - d)
+        p = {"w": torch.full((3,), 2.0)}
+        ema = {"w": torch.zeros(3)}
+        for _ in range(5):
+            T.ema_update(ema, p, 0.9)
+        assert torch.allclose(ema["w"], torch.full((3,), 2.0 * (1 - 0.9 ** 5)))
+        before = ema["w"].clone()
+        p["w"].fill_(-4.0)
+        T.ema_update(ema, p, 0.9)
+        assert torch.allclose(ema["w"], before + 0.1 * (-4.0 - before))
+        assert T.get_parser().parse_args([]).ema_decay == 0.0  # off by default: the last weights (A3.2)
+
+    def test_ema_checkpoint_holds_the_average_and_resumes_exactly(self, tiny):
+        ema, every = ["--ema-decay", "0.5"], ["--save-every", "1", "--keep", "10"]
+        T.main(train_argv(tiny, tiny / "ema_plain", "--steps", "3", *every))
+        T.main(train_argv(tiny, tiny / "ema_full", "--steps", "6", *every, *ema))
+        T.main(train_argv(tiny, tiny / "ema_part", "--steps", "3", "--save-every", "3", *ema))
+        T.main(train_argv(tiny, tiny / "ema_part", "--steps", "6", "--save-every", "3", "--resume", str(tiny / "ema_part"),
+                          *ema))
+        weights = lambda run, s: load_file(tiny / run / f"checkpoint-{s:06d}" / "flash.safetensors")
+        a, b = weights("ema_full", 6), weights("ema_part", 6)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # resumed == uninterrupted
+        raw = torch.load(tiny / "ema_full" / "checkpoint-000003" / "state.pt", weights_only=True)["raw"]
+        w1, w2, w3 = (weights("ema_plain", s) for s in (1, 2, 3))  # the same run without the average: its iterates
+        assert all(torch.equal(raw[k[5:]], w3[k]) for k in w3)  # the average does not change training
+        e1, e3 = weights("ema_full", 1), weights("ema_full", 3)
+        for k in w3:  # decay 1/2 from the start w0 (e1 = (w0 + w1) / 2): e3 = w0/8 + w1/8 + w2/4 + w3/2
+            w0 = 2 * e1[k] - w1[k]
+            assert torch.allclose(e3[k], w0 / 8 + w1[k] / 8 + w2[k] / 4 + w3[k] / 2, atol=1e-6)
+        assert any(not torch.equal(e3[k], w3[k]) for k in w3)  # the checkpoint holds the average, not the last
+
     def test_train_end_to_end_resume_and_sample(self, tiny, capsys):
         T.main(train_argv(tiny, tiny / "full", "--steps", "6", "--save-every", "3"))
         T.main(train_argv(tiny, tiny / "part", "--steps", "3", "--save-every", "3"))
@@ -2742,6 +2774,7 @@ class TestDemo:
         assert settings["#6"]["stage"] == "decoder"
         assert all(settings[k]["mixed_noise"] == demo.MIXED_NOISE for k in ("#1", "#2", "#5"))  # the base's prior
         assert all(settings[k]["steps"] == 3 and settings[k]["lr_schedule"] == demo.FLASH["lr_schedule"]
+                   and settings[k]["ema_decay"] == demo.FLASH["ema_decay"]
                    for k in ("#1", "#2", "#5")) and report["flash"]["steps"] == 3  # --flash-steps reaches train.py
 
     def test_ablation_table_mean_and_spread(self, capsys):
