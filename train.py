@@ -134,9 +134,9 @@ def set_lr(opt, lr, step=0, cosine_steps=0):
 
 def ema_update(ema, params, decay):
     """ema <- decay * ema + (1 - decay) * params, per tensor (--ema-decay; the paper keeps the last weights). Why: with
-    batch 1 and a constant lr the last iterate carries the last steps' gradient noise; measured on the demo, the
-    held-out score of checkpoints 100 steps apart swings by up to 2.7 px and a weight average beats the last one
-    (docs/demo.md). The average starts at the weights training starts from."""
+    batch 1 and a constant lr the last iterate carries the last steps' gradient noise; on the demo, the held-out score
+    of checkpoints 100 steps apart swings by up to 2.7 px (docs/demo.md: there a checkpoint average helped one seed,
+    this running average did not carry over to three). The average starts at the weights training starts from."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.values()), [params[n] for n in ema], 1.0 - decay)
 
