@@ -2192,8 +2192,8 @@ class TestTrain:
         T.main(train_argv(tiny, tiny / "ema_plain", "--steps", "3", *every))
         T.main(train_argv(tiny, tiny / "ema_full", "--steps", "6", *every, *ema))
         T.main(train_argv(tiny, tiny / "ema_part", "--steps", "3", "--save-every", "3", *ema))
-        T.main(train_argv(tiny, tiny / "ema_part", "--steps", "6", "--save-every", "3", "--resume", str(tiny / "ema_part"),
-                          *ema))
+        T.main(train_argv(tiny, tiny / "ema_part", "--steps", "6", "--save-every", "3",
+                          "--resume", str(tiny / "ema_part"), *ema))
         weights = lambda run, s: load_file(tiny / run / f"checkpoint-{s:06d}" / "flash.safetensors")
         a, b = weights("ema_full", 6), weights("ema_part", 6)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # resumed == uninterrupted
