@@ -54,7 +54,8 @@ POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion c
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
 # large t, where the eps-MSE barely sees them (README, "Embedded demo")
-FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0, lr_schedule="constant", ema_decay=0.0)
+FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0, lr_schedule="constant", ema_decay=0.0,
+             loss_weight="trunc-snr")  # the base's own loss weight (diffusion_loss), as mixed_noise is its own prior
 FLASH_FAST = dict(FLASH, steps=4)  # --fast
 VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
     "#1": ("no_aug", "no strong augmentation", dict(strong_aug=False, motion_align=False, corr_align=False)),
@@ -341,7 +342,7 @@ def diffusion_loss(unet, z0, ctx, acp, gen, clean_first=False):
     t = torch.randint(len(acp), (len(z0),), generator=gen).to(z0.device)
     noise = video_noise(z0.shape, gen, MIXED_NOISE).to(z0.device)
     a = acp[t].view(-1, 1, 1, 1, 1)
-    w = ((1 - a) / a).clamp(min=1).flatten()
+    w = T.loss_weight("trunc-snr", a.flatten())
     xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     if clean_first:
         xt[:, :, 0] = z0[:, :, 0]
@@ -533,7 +534,7 @@ def flash_args(base, out, flash, seed, device, **switches):
     """train.py's arguments for the demo's FLASH stage on top of `base`; switches: a VARIANTS entry"""
     a = T.get_parser().parse_args([])
     vars(a).update(stage="unet", steps=flash["steps"], lr=flash["lr"], timestep_alpha=flash["timestep_alpha"],
-                   lr_schedule=flash["lr_schedule"], ema_decay=flash["ema_decay"],
+                   lr_schedule=flash["lr_schedule"], ema_decay=flash["ema_decay"], loss_weight=flash["loss_weight"],
                    frames=FRAMES, stride=1, height=SIZE, width=SIZE, seed=seed, device=str(device), dtype="fp32",
                    out=str(out), gradient_checkpointing=False, save_every=flash["steps"], keep=1,
                    log_every=max(1, flash["steps"] // 6), prompt=PROMPT, flip=False,  # the action goes right

@@ -2163,6 +2163,34 @@ class TestTrain:
             T.check_args(T.get_parser().parse_args(["--videos", "v", "--base", "b", "--motion-module", "m",
                                                     "--timestep-alpha", "1.5"]))
 
+    def test_trunc_snr_loss_weight_is_max_one_inverse_snr(self, tiny):
+        """--loss-weight trunc-snr scales the loss that is backpropagated by max(1, 1/SNR_t), SNR from diffusers'
+        compute_snr on AnimateDiff's scheduler; the logged losses stay the eps-MSE, and the default is the paper's eps."""
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import compute_snr
+        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear")  # AnimateDiff's training
+        pipe = S.load_pipeline(tiny / "pipe", verbose=False)
+        frames, fps = data.read_video(tiny / "videos" / "clip0.mp4")
+        clip = data.sample_clip(data.Video("clip0", frames, fps, "a disc jumps"), 8, 1, 64, 64,
+                                torch.Generator().manual_seed(0))
+        embed = S.encode_prompt(pipe, ["a disc jumps"])
+        off, acp = torch.autocast("cpu", enabled=False), S.alphas_cumprod()
+        n_layers = len(T.cross_frame_layers(pipe.unet))
+        assert T.get_parser().parse_args([]).loss_weight == "eps"
+        for t in (50, 400, 999):
+            one_t = torch.zeros(1000, dtype=torch.float64)
+            one_t[t] = 1  # the step draws this t
+            got = {}
+            for kind in ("eps", "trunc-snr"):
+                args = T.get_parser().parse_args(["--frames", "8", "--loss-weight", kind, "--null-text-prob", "0"])
+                with torch.no_grad():
+                    got[kind] = T.unet_step(args, pipe, clip, embed, embed, torch.Generator().manual_seed(1), off,
+                                            acp, one_t, n_layers)
+            want = compute_snr(sched, torch.tensor([t])).reciprocal().clamp(min=1).item()
+            assert got["trunc-snr"][1] == got["eps"][1]  # the log rows: the unweighted eps-MSE
+            assert got["trunc-snr"][0].item() == pytest.approx(want * got["eps"][0].item(), rel=1e-5)
+            assert (want == 1) == (t < 400)  # SNR_t > 1 below t ~ 300 on this schedule
+
     def test_cosine_lr_schedule_halves_at_midpoint_and_constant_stays(self):
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
         args = T.get_parser().parse_args(["--lr", "0.004", "--steps", "100"])
@@ -2775,6 +2803,7 @@ class TestDemo:
         assert all(settings[k]["mixed_noise"] == demo.MIXED_NOISE for k in ("#1", "#2", "#5"))  # the base's prior
         assert all(settings[k]["steps"] == 3 and settings[k]["lr_schedule"] == demo.FLASH["lr_schedule"]
                    and settings[k]["ema_decay"] == demo.FLASH["ema_decay"]
+                   and settings[k]["loss_weight"] == demo.FLASH["loss_weight"] == "trunc-snr"
                    for k in ("#1", "#2", "#5")) and report["flash"]["steps"] == 3  # --flash-steps reaches train.py
 
     def test_ablation_table_mean_and_spread(self, capsys):

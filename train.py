@@ -67,6 +67,9 @@ def get_parser():
                    help="cosine: p(t) ∝ 1 - alpha cos(pi t/T), favouring large t (ReVersion)")
     p.add_argument("--timestep-alpha", type=float, default=0.5,
                    help="alpha in [0, 1] of the cosine rule: 0 = uniform, 1 = strongest (p(0) = 0)")
+    p.add_argument("--loss-weight", choices=["eps", "trunc-snr"], default="eps",
+                   help="eps: the eps-MSE (Eq. 2); trunc-snr: x max(1, 1/SNR_t), the clean-latent MSE at large t where "
+                        "the motion's layout is decided (the demo: its toy base was pretrained with it)")
     p.add_argument("--mixed-noise", type=float, default=0.0,
                    help="PYoCo mixed noise prior: share of the noise common to all frames (0 = independent, as "
                         "AnimateDiff trains; use the base's own value: the demo's toy base was trained with it)")
@@ -144,6 +147,13 @@ def ema_update(ema, params, decay):
 def timestep_weights(alpha, T=1000):
     """ReVersion's p(t) ∝ 1 - alpha cos(pi t/T): alpha 0 is uniform, larger alpha favours large t"""
     return 1 - alpha * torch.cos(math.pi * torch.arange(T, dtype=torch.float64) / T)
+
+
+def loss_weight(kind, acp_t):
+    """Per-step weight of the eps-MSE at timestep t (acp_t = alpha-bar_t): 1 for "eps" (Eq. 2); for "trunc-snr"
+    Salimans & Ho's truncated SNR weighting max(1, 1/SNR_t), SNR_t = acp_t/(1-acp_t) (arXiv 2202.00512 Sec. 4): the
+    eps-MSE is the clean-latent MSE times SNR_t, so at large t it barely sees what is decided there."""
+    return torch.ones_like(acp_t) if kind == "eps" else ((1 - acp_t) / acp_t).clamp(min=1)
 
 
 def set_alignment(unet, motion_tau=None, corr_layers=()):
@@ -305,7 +315,7 @@ def unet_step(args, pipe, clip, embed, null_embed, gen, autocast, acp, t_weights
                          args.tau if aligned and args.motion_align else None,
                          set(chosen) if aligned and args.corr_align else ())
     row = {"loss_ori": per_clip[0].item()} | ({"loss_aug": per_clip[1].item()} if aligned else {})
-    return per_clip.sum(), row  # L_D(ori) + L_D(aug)
+    return loss_weight(args.loss_weight, acp[t]) * per_clip.sum(), row  # L_D(ori) + L_D(aug), logged unweighted
 
 
 def decoder_step(args, pipe, clip, gen, autocast):
