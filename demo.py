@@ -53,7 +53,7 @@ NOISE = dict(mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN)  # how every demo
 POOL, MOTION_POOL = 1024, 1536  # single frames (image stages), generic-motion clips (motion stage)
 # FLASH few-shot stage (train.py's flags): the motion modules start from the base's; FLASH favours large t
 # (ReVersion's p(t) ∝ 1 - alpha cos(pi t/T)) and the toy takes the strongest alpha: layout and motion are decided at
-# large t, where the eps-MSE barely sees them (README, "Embedded demo")
+# large t, where the eps-MSE barely sees them (docs/demo.md)
 FLASH = dict(steps=900, lr=1e-3, timestep_alpha=1.0, lr_schedule="constant", ema_decay=0.0,
              loss_weight="trunc-snr")  # the base's own loss weight (diffusion_loss), as mixed_noise is its own prior
 FLASH_FAST = dict(FLASH, steps=4)  # --fast

@@ -68,7 +68,7 @@ def get_parser():
     p.add_argument("--timestep-alpha", type=float, default=0.5,
                    help="alpha in [0, 1] of the cosine rule: 0 = uniform, 1 = strongest (p(0) = 0)")
     p.add_argument("--loss-weight", choices=["eps", "trunc-snr"], default="eps",
-                   help="eps: the eps-MSE (Eq. 2); trunc-snr: x max(1, 1/SNR_t), the clean-latent MSE at large t where "
+                   help="eps: the eps-MSE (Eq. 1); trunc-snr: x max(1, 1/SNR_t), the clean-latent MSE at large t where "
                         "the motion's layout is decided (the demo: its toy base was pretrained with it)")
     p.add_argument("--mixed-noise", type=float, default=0.0,
                    help="PYoCo mixed noise prior: share of the noise common to all frames (0 = independent, as "
@@ -150,7 +150,7 @@ def timestep_weights(alpha, T=1000):
 
 
 def loss_weight(kind, acp_t):
-    """Per-step weight of the eps-MSE at timestep t (acp_t = alpha-bar_t): 1 for "eps" (Eq. 2); for "trunc-snr"
+    """Per-step weight of the eps-MSE at timestep t (acp_t = alpha-bar_t): 1 for "eps" (Eq. 1); for "trunc-snr"
     Salimans & Ho's truncated SNR weighting max(1, 1/SNR_t), SNR_t = acp_t/(1-acp_t) (arXiv 2202.00512 Sec. 4): the
     eps-MSE is the clean-latent MSE times SNR_t, so at large t it barely sees what is decided there."""
     return torch.ones_like(acp_t) if kind == "eps" else ((1 - acp_t) / acp_t).clamp(min=1)
