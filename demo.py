@@ -239,11 +239,12 @@ def score(video, start):
 def background_psnr(video, reference, centres):
     """PSNR (dB, [-1,1] range) over frames 2..F of the pixels that stay background all along (farther than 2
     object radii from every centroid in `centres` (N,2); NaN rows skipped) against the reference image: how well
-    the look is kept"""
+    the look is kept; no tracked centroid at all (the object lost in every frame): the whole frame"""
     size = video.shape[-1]
     c = centres[~centres.isnan().any(-1)]
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    dist = ((xx - c[:, 0, None, None]) ** 2 + (yy - c[:, 1, None, None]) ** 2).sqrt().amin(0)
+    dist = ((xx - c[:, 0, None, None]) ** 2 + (yy - c[:, 1, None, None]) ** 2).sqrt()  # N H W
+    dist = dist.amin(0) if len(c) else torch.full((size, size), math.inf)
     keep = dist > 2 * DEMO_RADIUS * size  # H W
     mse = (video[1:].float() - reference.float()[None]).square()[:, :, keep].mean().item()
     return 10 * math.log10(4 / max(mse, 1e-10))

@@ -2665,6 +2665,18 @@ class TestDemo:
         assert demo.background_psnr(noisy, clip[0], start) == pytest.approx(10 * math.log10(4 / 0.01), abs=1.0)
         assert demo.background_psnr(clips[1], clip[0], start) < 30  # another clip's background
 
+    def test_background_psnr_when_the_object_is_never_found(self):
+        # a video with no object in any frame (a base that drew none): every pixel is background, scored as a whole;
+        # before, the empty centroid list crashed the gates (measure_base) after a whole pretraining run
+        g = torch.Generator().manual_seed(1)
+        blank = torch.full((16, 3, 64, 64), -0.5)
+        noisy = blank + 0.1 * torch.randn(blank.shape, generator=g)
+        lost = torch.full((16, 2), math.nan)
+        assert demo.background_psnr(noisy, blank[0], lost) == pytest.approx(10 * math.log10(4 / 0.01), abs=0.2)
+        s = demo.follow_scores(noisy.clamp(-1, 1), demo.motion_path("moves right"))
+        # follow_scores compares frames 2..16 with frame 1, both noisy: twice the noise variance
+        assert s["mean_err"] == 64.0 and s["bg_psnr"] == pytest.approx(10 * math.log10(4 / 0.02), abs=0.2)
+
     def test_summary_averages(self):
         rows = [dict(mean_err=1.0, end_err=2.0, peak_err=3.0, jitter=0.5, performs=True),
                 dict(mean_err=3.0, end_err=4.0, peak_err=5.0, jitter=1.5, performs=False)]
