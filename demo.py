@@ -27,7 +27,8 @@ import train as T
 from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, byte_vocab
 from model import UNet, UNetConfig
 from data import tqdm, write_video
-from sample import Pipeline, detail_overrides, alphas_cumprod, animate, encode_prompt, load_pipeline, save_pipeline, video_noise
+from sample import (Pipeline, detail_overrides, alphas_cumprod, animate, encode_prompt, load_pipeline, predicted_eps,
+                    save_pipeline, video_noise)
 from vae import VAE, VAEConfig, load_vae
 
 # ----------------------------------------------------------------------------- demo settings
@@ -47,6 +48,7 @@ PRETRAIN_FAST = dict(vae=4, unet=4, motion=4)
 LR = dict(vae=4e-4, unet=3e-3, motion=1e-3)
 BATCH = dict(vae=16, unet=32, motion=4)
 MIXED_NOISE = 0.5  # PYoCo's mixed noise prior (alpha = 1): half of each frame's noise variance is shared by all frames
+PREDICTION = "epsilon"  # what the U-Net predicts (scheduler_config.json); "v_prediction": rebuild 6, not adopted
 I2V_FRACTION = 0.5  # video stage: share of batches in FLASH's image-to-video layout (clean frame 1, cross-frame attn)
 SHARED_MEAN = True  # sampling: every frame's initial noise has frame 1's spatial mean (sample.video_noise)
 NOISE = dict(mixed_noise=MIXED_NOISE, shared_mean=SHARED_MEAN)  # how every demo video draws its initial noise
@@ -338,7 +340,9 @@ def diffusion_loss(unet, z0, ctx, acp, gen, clean_first=False):
     drawn from the mixed prior (sample.video_noise; single frames: plain N(0, I)), each sample weighted by
     max(1, 1/SNR_t), Salimans & Ho's "truncated SNR" weighting (arXiv 2202.00512 Sec. 4): the eps-MSE is the
     clean-latent MSE times SNR_t = a/(1-a), so at large t (SNR 1/632 at t = 999) it barely sees the decisions made
-    there (colours, layout, where the object is in each frame); there the loss becomes the clean-latent MSE.
+    there (colours, layout, where the object is in each frame); there the loss becomes the clean-latent MSE. With
+    PREDICTION = "v_prediction" the U-Net's v is taken as eps first: its eps-MSE is a_t |v error|^2, so the weighted
+    loss is max(a_t, 1 - a_t) times the v-MSE (the same weight, another output; rebuild 6, docs/demo.md).
     clean_first: FLASH's image-to-video layout (Sec. 3.1): frame 1 stays clean and only frames 2..F are scored."""
     t = torch.randint(len(acp), (len(z0),), generator=gen).to(z0.device)
     noise = video_noise(z0.shape, gen, MIXED_NOISE).to(z0.device)
@@ -347,7 +351,8 @@ def diffusion_loss(unet, z0, ctx, acp, gen, clean_first=False):
     xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     if clean_first:
         xt[:, :, 0] = z0[:, :, 0]
-    err = (unet(xt, t, ctx) - noise)[:, :, int(clean_first):].square().mean(dim=(1, 2, 3, 4))
+    eps = predicted_eps(unet(xt, t, ctx), xt, a, PREDICTION)  # a v-model's output as eps (PREDICTION)
+    err = (eps - noise)[:, :, int(clean_first):].square().mean(dim=(1, 2, 3, 4))
     return (w * err).mean()
 
 
@@ -429,7 +434,7 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     log(f"video stage (motion modules, U-Net, text encoder): loss {np.mean(motion_losses[:20]):.4f} -> "
         f"{np.mean(motion_losses[-20:]):.4f} ({time.time() - t0:.0f}s)")
     pipe = Pipeline(unet.requires_grad_(False), vae, text_encoder.eval().requires_grad_(False), tokenizer, dev,
-                    torch.float32, {"motion_version": "v2"})
+                    torch.float32, {"motion_version": "v2"}, prediction_type=PREDICTION)
     train_s = round(time.time() - t0, 1)
 
     out = Path(out)
@@ -441,8 +446,9 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     files = {str(p.relative_to(out)): p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "build.json"}
     first_last = lambda v, k: [round(float(np.mean(v[:k])), 5), round(float(np.mean(v[-k:])), 5)]
     build = dict(seconds=train_s, seed=seed, threads=torch.get_num_threads(), steps=steps, lr=LR, batch=BATCH,
-                 mixed_noise=MIXED_NOISE, loss_weight="max(1, 1/SNR)", i2v_fraction=I2V_FRACTION,
-                 shared_noise_mean=SHARED_MEAN, pool_frames=POOL, motion_clips=MOTION_POOL, motion_captions=len(names),
+                 prediction_type=PREDICTION, mixed_noise=MIXED_NOISE, loss_weight="max(1, 1/SNR)",
+                 i2v_fraction=I2V_FRACTION, shared_noise_mean=SHARED_MEAN, pool_frames=POOL, motion_clips=MOTION_POOL,
+                 motion_captions=len(names),
                  losses=dict(vae=first_last(vae_losses, 5), unet=first_last(unet_losses, 5),
                              motion=first_last(motion_losses, 20)),
                  gates={k: v for k, v in gates.items() if not k.endswith("_rows")}, gate_rows=dict(
@@ -565,7 +571,8 @@ def val_loss(pipe, videos, ctx, n=4, ts=(250, 500, 750)):
             lat = pipe.vae.encode(x).transpose(0, 1)[None]  # F 4 h w -> 1 4 F h w
             for t in ts:
                 noise = video_noise(lat.shape, g, MIXED_NOISE).to(pipe.device)
-                losses.append(T.unet_loss(pipe.unet, lat, t, noise, ctx, acp, no_autocast).item())
+                losses.append(T.unet_loss(pipe.unet, lat, t, noise, ctx, acp, no_autocast,
+                                          prediction_type=pipe.prediction_type).item())
     return float(np.mean(losses))
 
 

@@ -65,6 +65,16 @@ def video_noise(shape, generator, mixed=0.0, shared_mean=False):
     return noise
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler_config.json "prediction_type"
+
+
+def predicted_eps(out, x, a_t, prediction_type="epsilon"):
+    """The U-Net's output as the noise eps: itself ("epsilon", SD-1.5), or from v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
+    ("v_prediction", Salimans & Ho, arXiv 2202.00512 Sec. 4): eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. A v-model holds
+    x_0 in its own output where the signal is faint (t near T); the demo's toy base is one (docs/demo.md)."""
+    return out if prediction_type == "epsilon" else a_t.sqrt() * out + (1 - a_t).sqrt() * x
+
+
 def predicted_x0(x, eps, a_t):
     """DDIM's "predicted x_0" (Eq. 12): (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)"""
     return (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
@@ -241,6 +251,17 @@ class Pipeline:
     dtype: torch.dtype  # the U-Net's; the VAE keeps its own (fp32 unless --vae-dtype bf16), text encoder fp32
     info: dict = field(default_factory=dict)  # formats, motion-module version, weight files, checkpoint settings
     embeddings: dict = field(default_factory=dict)  # encode_prompt's cache: (text encoder, prompts) -> embeddings
+    prediction_type: str = "epsilon"  # what the U-Net predicts (scheduler_config.json): "epsilon" or "v_prediction"
+
+
+def read_prediction_type(base):
+    """A diffusers folder's scheduler/scheduler_config.json "prediction_type" ("epsilon" when absent, as diffusers,
+    and for a single-file checkpoint: SD-1.5's); anything else is an error naming the file."""
+    path = os.path.join(base, "scheduler", "scheduler_config.json")
+    kind = read_json(path).get("prediction_type", "epsilon") if os.path.isfile(path) else "epsilon"
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"{path}: prediction_type {kind!r} is not supported (want {' or '.join(PREDICTION_TYPES)})")
+    return kind
 
 
 def load_pipeline(base, motion_module=None, checkpoints=(), device=None, dtype=None, detail=True, tokenizer=None,
@@ -264,7 +285,7 @@ def load_pipeline(base, motion_module=None, checkpoints=(), device=None, dtype=N
     vae = load_vae(base).to(device, vae_dtype).eval()
     text_encoder = load_text_encoder(base).to(device).eval()
     info = dict(base=base, tokenizer=str(tok_dir), detail=detail, checkpoints=[], settings={}, **unet.info)
-    pipe = Pipeline(unet, vae, text_encoder, tok, device, dtype, info)
+    pipe = Pipeline(unet, vae, text_encoder, tok, device, dtype, info, prediction_type=read_prediction_type(base))
     for c in checkpoints:
         apply_checkpoint(pipe, c)
     if verbose:
@@ -341,6 +362,11 @@ def save_pipeline(pipe, folder):
     save_vae(pipe.vae, folder / "vae")
     save_text_encoder(pipe.text_encoder, folder / "text_encoder")
     save_tokenizer(pipe.tokenizer, folder / "tokenizer")
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)  # the DDIM that animate() runs, as diffusers reads it
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+        _class_name="DDIMScheduler", num_train_timesteps=TRAIN_STEPS, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="linear", steps_offset=1, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading",
+        prediction_type=pipe.prediction_type), indent=2))
     if pipe.unet.config.motion_modules:
         save_motion_module(pipe.unet, folder / "motion_module.safetensors")
 
@@ -420,11 +446,13 @@ def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=A
                loop=loop, loop_grad=loop_grad, **settings)
 
 
-def guided_eps(unet, x, t, ctx, guidance):
+def guided_eps(unet, x, t, ctx, guidance, a_t=None, prediction_type="epsilon"):
     """One U-Net call with classifier-free guidance (Ho & Salimans, Eq. 6), both branches in one batch:
-    eps = eps_u + guidance (eps_c - eps_u); ctx = [negative; prompt] embeddings (guidance <= 1: [prompt] alone)."""
+    eps = eps_u + guidance (eps_c - eps_u); ctx = [negative; prompt] embeddings (guidance <= 1: [prompt] alone).
+    a_t, prediction_type: a v-model's output becomes eps first (predicted_eps)."""
     cfg = guidance > 1
-    eps = unet(torch.cat([x, x]) if cfg else x, t, ctx).float()
+    x_in = torch.cat([x, x]) if cfg else x
+    eps = predicted_eps(unet(x_in, t, ctx).float(), x_in, a_t, prediction_type)
     if cfg:
         eps_u, eps_c = eps.chunk(2)
         eps = eps_u + guidance * (eps_c - eps_u)
@@ -435,7 +463,7 @@ def unet_call(run, x, t):
     """guided_eps on x = [clean first frame; frames], counted on the progress bar; the first call (warm-up
     included, so an upper bound) times the run."""
     next(run.bar)
-    eps = guided_eps(run.pipe.unet, x, t, run.ctx, run.guidance)
+    eps = guided_eps(run.pipe.unet, x, t, run.ctx, run.guidance, run.acp[t], run.pipe.prediction_type)
     run.n_calls += 1
     if run.n_calls == 1 and run.log is not None:
         if run.pipe.device.type == "cuda":
@@ -820,6 +848,7 @@ def sidecar(args, pipe, file, out, secs):
                 detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
                 vae_dtype=args.vae_dtype, out=str(out),
                 sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
+                prediction_type=pipe.prediction_type,
                 motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
                 weights=dict(base=os.path.abspath(args.base), motion_module=pipe.info.get("motion_file"),
                              tokenizer=pipe.info["tokenizer"], checkpoints=pipe.info["checkpoints"]),

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import unicodedata
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -1647,6 +1648,40 @@ class TestSample:
                 got = S.ddim_step(x, eps, t, t - 1000 // n, acp)
                 assert (got - want).abs().max() <= 1e-6, (n, t)
 
+    def test_v_prediction_is_salimans_and_hos_v(self):
+        """v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho, Sec. 4): predicted_eps recovers eps from a v-model's
+        output and x_t, DDIM's predicted x_0 then recovers x_0; "epsilon" passes the output through."""
+        g = torch.Generator().manual_seed(0)
+        x0, eps = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
+        for t in (1, 500, 999):
+            a = S.alphas_cumprod()[t]
+            xt, v = a.sqrt() * x0 + (1 - a).sqrt() * eps, a.sqrt() * eps - (1 - a).sqrt() * x0
+            torch.testing.assert_close(S.predicted_eps(v, xt, a, "v_prediction"), eps, atol=1e-5, rtol=0)
+            torch.testing.assert_close(S.predicted_x0(xt, S.predicted_eps(v, xt, a, "v_prediction"), a), x0,
+                                       atol=2e-3 if t == 999 else 1e-4, rtol=0)  # 1/sqrt(a_999) = 25 scales fp32 error
+            assert S.predicted_eps(v, xt, a, "epsilon") is v
+
+    def test_scheduler_config_round_trip(self, sd, tmp_path):
+        """save_pipeline writes the DDIM animate() runs as scheduler/scheduler_config.json: diffusers' DDIMScheduler
+        built from it has our alphas_cumprod and timesteps; load_pipeline reads prediction_type back ("epsilon"
+        when the file is absent, as diffusers); an unknown one is an error naming the file."""
+        diffusers = pytest.importorskip("diffusers")
+        ref = diffusers.DDIMScheduler.from_pretrained(sd / "scheduler")
+        assert (ref.alphas_cumprod - S.alphas_cumprod()).abs().max() <= 1e-6 and ref.config.prediction_type == "epsilon"
+        ref.set_timesteps(25)
+        assert ref.timesteps.tolist() == S.ddim_timesteps(25).tolist()
+        assert load(sd).prediction_type == "epsilon"
+        folder = tmp_path / "v"
+        shutil.copytree(sd, folder)
+        cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        for kind, want in (("v_prediction", "v_prediction"), (None, "epsilon")):
+            (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+                {k: v for k, v in cfg.items() if k != "prediction_type"} | ({"prediction_type": kind} if kind else {})))
+            assert load(folder).prediction_type == want
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg | {"prediction_type": "sample"}))
+        with pytest.raises(ValueError, match=r"scheduler_config\.json: prediction_type 'sample' is not supported"):
+            load(folder)
+
     def test_adain_moments_and_pattern(self):
         g = torch.Generator().manual_seed(0)
         content = torch.randn(1, 4, 3, 8, 8, generator=g) * 3 + 2
@@ -1971,7 +2006,11 @@ class TestSample:
         dp.set_progress_bar_config(disable=True)
         ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
         kw = dict(frames=5, steps=4, guidance=7.5, seed=3, height=64, width=96)
-        for mixed in (0.0, 0.3):  # PYoCo's mixed prior: the same draw over every frame (none is a reference)
+        # PYoCo's mixed prior (the same draw over every frame: none is a reference); a v-prediction base (the demo's)
+        results = {}
+        for mixed, kind in ((0.0, "epsilon"), (0.3, "epsilon"), (0.3, "v_prediction")):
+            pipe.prediction_type = kind
+            dp.scheduler = diffusers.DDIMScheduler.from_config(dp.scheduler.config, prediction_type=kind)
             S.animate(pipe, None, "a person waving", "blurry", progress=False, mixed_noise=mixed, **kw)
             ours, last = pipe.info["last_run"]["latents"], pipe.info["last_run"]
             assert last["text_to_video"] and last["long"] == "plain" and not last["detail"]
@@ -1983,7 +2022,9 @@ class TestSample:
                 want = dp(prompt_embeds=ctx[1:], negative_prompt_embeds=ctx[:1], num_frames=5, height=64, width=96,
                           num_inference_steps=4, guidance_scale=7.5, latents=noise.clone(), output_type="latent").frames
             assert want.shape == ours.shape and not torch.allclose(want, noise, atol=1e-2)
-            assert rel_err(ours, want) <= 1e-4, (mixed, rel_err(ours, want))
+            assert rel_err(ours, want) <= 1e-4, (mixed, kind, rel_err(ours, want))
+            results[kind] = ours.clone()
+        assert rel_err(results["epsilon"], results["v_prediction"]) > 0.05  # the switch is not a no-op
 
     def test_non_finite_sampling_names_its_cause(self, monkeypatch):
         """A NaN/inf in the sampler stops it with one ValueError naming the setting (the loop weight, else the
@@ -2077,6 +2118,28 @@ class TestSample:
 # ====================================================================================================
 class TestTrain:
     """train.py: Motion Alignment Module, training loop, checkpoints, resume"""
+
+    def test_v_prediction_loss_is_diffusers_velocity_target(self):
+        """For a base that predicts v (scheduler_config.json), FLASH's eps-MSE of the converted output is a_t times the
+        MSE against diffusers' velocity target (DDPMScheduler.get_velocity, what its v-prediction training scripts
+        regress on) over frames 2..N; "epsilon" is the plain eps-MSE."""
+        diffusers = pytest.importorskip("diffusers")
+        sched = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear")
+        unet = tiny_pipeline(seed=2).unet
+        g = gen(1)
+        lat, noise = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 8, 8, generator=g)
+        ctx, acp, off = torch.randn(1, 77, CLIP_TINY["hidden_size"], generator=g), S.alphas_cumprod(), nullcontext()
+        for t in (30, 700):
+            with torch.no_grad():
+                v_loss = T.unet_loss(unet, lat, t, noise, ctx, acp, off, prediction_type="v_prediction")
+                eps_loss = T.unet_loss(unet, lat, t, noise, ctx, acp, off)
+                xt = acp[t].sqrt() * lat + (1 - acp[t]).sqrt() * noise
+                xt[:, :, 0] = lat[:, :, 0]
+                out = unet(xt, t, ctx.expand(2, -1, -1))
+            target = sched.get_velocity(lat, noise.expand_as(lat), torch.tensor([t, t]))
+            want = acp[t] * (out - target)[:, :, 1:].square().mean(dim=(1, 2, 3, 4))
+            torch.testing.assert_close(v_loss, want, rtol=1e-4, atol=0)
+            torch.testing.assert_close(eps_loss, (out - noise)[:, :, 1:].square().mean(dim=(1, 2, 3, 4)))
 
     def test_motion_align_identity_when_clips_equal(self):
         x, _ = feats()
@@ -2696,9 +2759,11 @@ class TestDemo:
             assert last < first, stage
         assert build["mixed_noise"] == demo.MIXED_NOISE  # the prior the demo trains and samples with
         assert build["shared_noise_mean"] == demo.SHARED_MEAN and build["loss_weight"] == "max(1, 1/SNR)"
+        assert build.get("prediction_type", "epsilon") == demo.PREDICTION  # rebuild 5 predates the key (epsilon)
         assert set(build["gates"]["passed"]) == set(demo.GATES) and len(build["gate_rows"]["t2v"]) == len(demo.MOTIONS)
         pipe = demo.load_base(demo.BASE, "cpu")  # sample.py's strict loader, the SD-1.5 + AnimateDiff layouts
         assert pipe.info["motion_version"] == "v2" and pipe.info["unet_format"] == "diffusers"
+        assert pipe.prediction_type == demo.PREDICTION  # read from its scheduler/scheduler_config.json
         proj = [p for k, p in pipe.unet.named_parameters() if "temporal_transformer.proj_out.weight" in k]
         assert proj and all(p.abs().max() > 0 for p in proj)  # pretrained: no longer AnimateDiff's zero init
         sd = load_file(demo.BASE / "motion_module.safetensors")  # AnimateDiff's own key layout
@@ -2708,25 +2773,33 @@ class TestDemo:
         sims = torch.cosine_similarity(flat[:, None], flat[None], dim=-1)
         assert (sims[~torch.eye(4, dtype=bool)] < 0.999).all()  # the text encoder tells the prompts apart
 
-    def test_pretrain_loss_is_truncated_snr_weighted(self):
+    @pytest.mark.parametrize("kind", S.PREDICTION_TYPES)
+    def test_pretrain_loss_is_truncated_snr_weighted(self, kind, monkeypatch):
         # a stub U-Net that returns the true noise + c: each sample's eps-MSE is c^2, so the loss must be
-        # c^2 * mean_t max(1, (1 - a_t) / a_t) (Salimans & Ho's truncated SNR weighting) over the t it was called with
+        # c^2 * mean_t max(1, (1 - a_t) / a_t) (Salimans & Ho's truncated SNR weighting) over the t it was called with;
+        # a stub v-model (PREDICTION "v_prediction") returning the true v = sqrt(a) eps - sqrt(1 - a) x_0 + c has eps
+        # error sqrt(a) c, so there the loss must be c^2 * mean_t a_t max(1, (1 - a_t) / a_t) = c^2 mean max(a_t, 1 - a_t)
+        monkeypatch.setattr(demo, "PREDICTION", kind)
         acp, z0, c, seen = S.alphas_cumprod(), torch.randn(64, 4, 3, 4, 4), 0.1, []
 
         def unet(x, t, ctx):
             seen.append(t)
             a = acp[t].view(-1, 1, 1, 1, 1)
-            return (x - a.sqrt() * z0) / (1 - a).sqrt() + c
+            eps = (x - a.sqrt() * z0) / (1 - a).sqrt()
+            return (eps if kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * z0) + c
         loss = demo.diffusion_loss(unet, z0, None, acp, torch.Generator().manual_seed(0))
         a = acp[seen[0]]
-        want = c ** 2 * torch.maximum(torch.ones_like(a), (1 - a) / a).mean()
+        weight = torch.maximum(torch.ones_like(a), (1 - a) / a) * (1 if kind == "epsilon" else a)
         assert seen[0].unique().numel() > 10 and ((1 - a) / a > 1).any() and ((1 - a) / a < 1).any()
-        assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+        assert loss.item() == pytest.approx((c ** 2 * weight.mean()).item(), rel=1e-4)
+        if kind == "v_prediction":
+            assert loss.item() == pytest.approx((c ** 2 * torch.maximum(a, 1 - a).mean()).item(), rel=1e-4)
 
     def test_pretrain_image_to_video_batches_keep_frame_one_clean(self):
         # clean_first: the U-Net must see frame 1 exactly clean and frames 2..F noised per q(x_t | x_0); a stub that is
         # right on frames 2..F up to c and wrong by 100 on frame 1 must score c^2 * mean max(1, 1/SNR_t) (frame 1 unscored)
         acp, z0, c, seen = S.alphas_cumprod(), torch.randn(64, 4, 3, 4, 4), 0.1, []
+        assert demo.PREDICTION == "epsilon"
 
         def unet(x, t, ctx):
             seen.append((x.clone(), t))
@@ -2748,8 +2821,10 @@ class TestDemo:
         for name, digest in build["sha256"].items():  # the recorded hashes are the written files'
             assert hashlib.sha256((tmp_path / "base" / name).read_bytes()).hexdigest() == digest, name
         assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
-                "text_encoder/config.json", "tokenizer/vocab.json", "motion_module.safetensors"} <= set(build["sha256"])
+                "text_encoder/config.json", "tokenizer/vocab.json", "motion_module.safetensors",
+                "scheduler/scheduler_config.json"} <= set(build["sha256"])
         pipe = demo.load_base(tmp_path / "base", "cpu")
+        assert pipe.prediction_type == build["prediction_type"] == demo.PREDICTION
         assert pipe.unet.config.block_out_channels == demo.UNET_CFG.block_out_channels
         assert all(a.cross_frame for a in T.cross_frame_layers(pipe.unet))  # FLASH's attention back on
         with pytest.raises(FileNotFoundError, match="demo.py pretrain"):

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from data import (clip_stride, decoder_distort, exit_on_error, load_videos, plain_warnings, sample_clip,
                   strong_augment, tqdm, write_video)
 from model import DTYPES, autocast_dtype, read_json
-from sample import (alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, prompt_words,
-                    video_noise)
+from sample import (alphas_cumprod, animate, detail_overrides, encode_prompt, load_image, load_pipeline, predicted_eps,
+                    prompt_words, video_noise)
 from vae import load_vae
 
 
@@ -283,17 +283,19 @@ def plot_losses(history, path, names):
 
 # ----------------------------------------------------------------------------- one step of each stage
 
-def unet_loss(unet, lat, t, noise, ctx, acp, autocast, motion_tau=None, corr_layers=()):
+def unet_loss(unet, lat, t, noise, ctx, acp, autocast, motion_tau=None, corr_layers=(), prediction_type="epsilon"):
     """One FLASH forward (Sec. 3.1-3.2): lat (B,4,F,h,w) = [original; augmented] clean latents, one t and one
-    noise (1,4,F,h,w) shared by both clips, clean first frame; returns the eps-MSE over frames 2..N per clip.
-    The alignment hooks stay on until the caller's backward has run (checkpointing recomputes with them)."""
+    noise (1,4,F,h,w) shared by both clips, clean first frame; returns the eps-MSE over frames 2..N per clip (a
+    v-model's output taken as eps first, sample.predicted_eps: the same loss, weighted by a_t, for a base that predicts
+    v). The alignment hooks stay on until the caller's backward has run (checkpointing recomputes with them)."""
     noise = noise.expand_as(lat)
     xt = acp[t].sqrt() * lat + (1 - acp[t]).sqrt() * noise  # q(x_t | x_0), Eq. 1
     xt[:, :, 0] = lat[:, :, 0]  # noise-free first frame (Sec. 3.1)
     set_alignment(unet, motion_tau, corr_layers)
     with autocast:
         pred = unet(xt, t, ctx.expand(len(lat), -1, -1))
-    return (pred.float() - noise)[:, :, 1:].square().mean(dim=(1, 2, 3, 4))  # frames 2..N (LAMP)
+    pred = predicted_eps(pred.float(), xt, acp[t], prediction_type)
+    return (pred - noise)[:, :, 1:].square().mean(dim=(1, 2, 3, 4))  # frames 2..N (LAMP)
 
 
 def unet_step(args, pipe, clip, embed, null_embed, gen, autocast, acp, t_weights, n_layers):
@@ -313,7 +315,7 @@ def unet_step(args, pipe, clip, embed, null_embed, gen, autocast, acp, t_weights
     ctx = null_embed if torch.rand((), generator=gen).item() < args.null_text_prob else embed
     per_clip = unet_loss(pipe.unet, lat, t, noise, ctx.to(dev), acp, autocast,
                          args.tau if aligned and args.motion_align else None,
-                         set(chosen) if aligned and args.corr_align else ())
+                         set(chosen) if aligned and args.corr_align else (), pipe.prediction_type)
     row = {"loss_ori": per_clip[0].item()} | ({"loss_aug": per_clip[1].item()} if aligned else {})
     return loss_weight(args.loss_weight, acp[t]) * per_clip.sum(), row  # L_D(ori) + L_D(aug), logged unweighted
 
