@@ -35,9 +35,10 @@ from vae import VAE, load_vae, save_vae
 # beta_schedule="linear", steps_offset=1, clip_sample=False); the class defaults add set_alpha_to_one=True and
 # "leading" timestep spacing. eta = 0: deterministic. test_flash.py checks these against diffusers' DDIMScheduler.
 TRAIN_STEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
 
 
-def alphas_cumprod(n=TRAIN_STEPS, beta_start=0.00085, beta_end=0.012):
+def alphas_cumprod(n=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END):
     """a_t = prod_{s<=t} (1 - beta_s), betas = linspace (AnimateDiff's "linear", not SD's "scaled_linear"), fp32."""
     return torch.cumprod(1 - torch.linspace(beta_start, beta_end, n, dtype=torch.float32), dim=0)
 
@@ -71,7 +72,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler_config.js
 def predicted_eps(out, x, a_t, prediction_type="epsilon"):
     """The U-Net's output as the noise eps: itself ("epsilon", SD-1.5), or from v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
     ("v_prediction", Salimans & Ho, arXiv 2202.00512 Sec. 4): eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. A v-model holds
-    x_0 in its own output where the signal is faint (t near T); the demo's toy base is one (docs/demo.md)."""
+    x_0 in its own output where the signal is faint (t near T); the demo measured one (demo.PREDICTION, docs/demo.md)."""
     return out if prediction_type == "epsilon" else a_t.sqrt() * out + (1 - a_t).sqrt() * x
 
 
@@ -364,7 +365,7 @@ def save_pipeline(pipe, folder):
     save_tokenizer(pipe.tokenizer, folder / "tokenizer")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)  # the DDIM that animate() runs, as diffusers reads it
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
-        _class_name="DDIMScheduler", num_train_timesteps=TRAIN_STEPS, beta_start=0.00085, beta_end=0.012,
+        _class_name="DDIMScheduler", num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
         beta_schedule="linear", steps_offset=1, clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading",
         prediction_type=pipe.prediction_type), indent=2))
     if pipe.unet.config.motion_modules:

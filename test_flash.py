@@ -2006,7 +2006,7 @@ class TestSample:
         dp.set_progress_bar_config(disable=True)
         ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
         kw = dict(frames=5, steps=4, guidance=7.5, seed=3, height=64, width=96)
-        # PYoCo's mixed prior (the same draw over every frame: none is a reference); a v-prediction base (the demo's)
+        # PYoCo's mixed prior (the same draw over every frame: none is a reference); a v-prediction base (SD-2.x's kind)
         results = {}
         for mixed, kind in ((0.0, "epsilon"), (0.3, "epsilon"), (0.3, "v_prediction")):
             pipe.prediction_type = kind
