@@ -447,7 +447,7 @@ def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=A
                loop=loop, loop_grad=loop_grad, **settings)
 
 
-def guided_eps(unet, x, t, ctx, guidance, a_t=None, prediction_type="epsilon"):
+def guided_eps(unet, x, t, ctx, guidance, a_t, prediction_type):
     """One U-Net call with classifier-free guidance (Ho & Salimans, Eq. 6), both branches in one batch:
     eps = eps_u + guidance (eps_c - eps_u); ctx = [negative; prompt] embeddings (guidance <= 1: [prompt] alone).
     a_t, prediction_type: a v-model's output becomes eps first (predicted_eps)."""
@@ -848,7 +848,7 @@ def sidecar(args, pipe, file, out, secs):
                 detail=last["detail"], device=str(pipe.device), dtype=str(pipe.dtype)[6:],
                 detail_full_res=last["detail"] and pipe.vae.config.detail_full_res and not args.no_detail_full_res,
                 vae_dtype=args.vae_dtype, out=str(out),
-                sampler="DDIM eta 0, linear betas 0.00085-0.012, steps_offset 1, leading, set_alpha_to_one",
+                sampler=f"DDIM eta 0, linear betas {BETA_START}-{BETA_END}, steps_offset 1, leading, set_alpha_to_one",
                 prediction_type=pipe.prediction_type,
                 motion_version=pipe.info.get("motion_version"), seconds=round(secs, 2),
                 weights=dict(base=os.path.abspath(args.base), motion_module=pipe.info.get("motion_file"),
