@@ -572,7 +572,7 @@ def val_loss(pipe, videos, ctx, n=4, ts=(250, 500, 750)):
             for t in ts:
                 noise = video_noise(lat.shape, g, MIXED_NOISE).to(pipe.device)
                 losses.append(T.unet_loss(pipe.unet, lat, t, noise, ctx, acp, no_autocast,
-                                          prediction_type=pipe.prediction_type).item())
+                                          pipe.prediction_type).item())
     return float(np.mean(losses))
 
 

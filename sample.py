@@ -69,7 +69,7 @@ def video_noise(shape, generator, mixed=0.0, shared_mean=False):
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler_config.json "prediction_type"
 
 
-def predicted_eps(out, x, a_t, prediction_type="epsilon"):
+def predicted_eps(out, x, a_t, prediction_type):
     """The U-Net's output as the noise eps: itself ("epsilon", SD-1.5), or from v = sqrt(a_t) eps - sqrt(1 - a_t) x_0
     ("v_prediction", Salimans & Ho, arXiv 2202.00512 Sec. 4): eps = sqrt(a_t) v + sqrt(1 - a_t) x_t. A v-model holds
     x_0 in its own output where the signal is faint (t near T); the demo measured one (demo.PREDICTION, docs/demo.md)."""

@@ -2132,7 +2132,7 @@ class TestTrain:
         for t in (30, 700):
             with torch.no_grad():
                 v_loss = T.unet_loss(unet, lat, t, noise, ctx, acp, off, prediction_type="v_prediction")
-                eps_loss = T.unet_loss(unet, lat, t, noise, ctx, acp, off)
+                eps_loss = T.unet_loss(unet, lat, t, noise, ctx, acp, off, "epsilon")
                 xt = acp[t].sqrt() * lat + (1 - acp[t]).sqrt() * noise
                 xt[:, :, 0] = lat[:, :, 0]
                 out = unet(xt, t, ctx.expand(2, -1, -1))

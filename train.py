@@ -283,7 +283,7 @@ def plot_losses(history, path, names):
 
 # ----------------------------------------------------------------------------- one step of each stage
 
-def unet_loss(unet, lat, t, noise, ctx, acp, autocast, motion_tau=None, corr_layers=(), prediction_type="epsilon"):
+def unet_loss(unet, lat, t, noise, ctx, acp, autocast, prediction_type, motion_tau=None, corr_layers=()):
     """One FLASH forward (Sec. 3.1-3.2): lat (B,4,F,h,w) = [original; augmented] clean latents, one t and one
     noise (1,4,F,h,w) shared by both clips, clean first frame; returns the eps-MSE over frames 2..N per clip (a
     v-model's output taken as eps first, sample.predicted_eps: the same loss, weighted by a_t, for a base that predicts
@@ -313,9 +313,9 @@ def unet_step(args, pipe, clip, embed, null_embed, gen, autocast, acp, t_weights
     aligned = len(clips) == 2
     # null text as AnimateDiff's training (cfg_random_null_text_ratio; A3.2 builds on its codebase): "" for CFG
     ctx = null_embed if torch.rand((), generator=gen).item() < args.null_text_prob else embed
-    per_clip = unet_loss(pipe.unet, lat, t, noise, ctx.to(dev), acp, autocast,
+    per_clip = unet_loss(pipe.unet, lat, t, noise, ctx.to(dev), acp, autocast, pipe.prediction_type,
                          args.tau if aligned and args.motion_align else None,
-                         set(chosen) if aligned and args.corr_align else (), pipe.prediction_type)
+                         set(chosen) if aligned and args.corr_align else ())
     row = {"loss_ori": per_clip[0].item()} | ({"loss_aug": per_clip[1].item()} if aligned else {})
     return loss_weight(args.loss_weight, acp[t]) * per_clip.sum(), row  # L_D(ori) + L_D(aug), logged unweighted
 
