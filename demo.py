@@ -772,7 +772,7 @@ def main(argv=None):
     log(f"done in {wall:.0f}s: {last}/scores.json, {last}/demo.gif. Animate your own image with the demo model:\n"
         f"python sample.py --base {args.base} --motion-module {args.base}/motion_module.safetensors "
         f"--checkpoint {last}/flash --image {last}/reference.png --seed {seeds[-1]} --out {last}/cli_sample.mp4"
-        + " --shared-noise-mean" * SHARED_MEAN)  # as the demo sampled reference 0 (--mixed-noise: the checkpoint's)
+        + (" --shared-noise-mean" if SHARED_MEAN else ""))  # as the demo sampled reference 0 (mixed noise: ckpt's)
     result = dict(report=reports[-1], reports=reports, table=table, diagnostic=diagnostic, pipe=pipe, out=last,
                   wall_s=wall)
     if args.long:
