@@ -186,6 +186,10 @@ def export(args):
     """Write the files of args.to into args.out -> list of written paths."""
     unet, trained, settings = load_run(args)
     written = []
+    if any(k > 1 for k in unet.config.motion_window):
+        print(f"warning: this base's motion modules attend over {unet.config.motion_window} neighbourhoods (the demo "
+              f"toy's switch, model.UNetConfig.motion_window); AnimateDiff tools attend at one position, so they will "
+              f"not reproduce it", file=sys.stderr)
     if args.to == "lora":
         rank = args.rank or 64
         sd, err, total, other, whole = motion_lora(unet, trained, rank)

@@ -32,6 +32,8 @@ class UNetConfig:
     motion_mid_block: bool = True  # v2 has a mid-block motion module; v1/v3 do not
     motion_max_len: int = 32  # positional-encoding length: 24 (v1) or 32 (v2, v3)
     motion_heads: int = 8
+    motion_window: tuple = ()  # per down block (up blocks mirror, mid = last): k x k neighbourhood of the temporal
+    # attention's keys; () or 1 = AnimateDiff (frames at one position). Not in AnimateDiff; the toy's switch
     frame_pooled_norm: bool = False  # v1: resnet GroupNorm statistics pooled over all frames
     cross_frame: bool = True  # FLASH attn1: k, v = [first frame ; current frame] tokens
 
@@ -108,6 +110,9 @@ class Attention(nn.Module):
         if self.share_qk:  # FLASH correspondence alignment: augmented half uses the original half's Q and K
             n = q.shape[0] // 2
             q, k = torch.cat([q[:n], q[:n]]), torch.cat([k[:n], k[:n]])
+        return self.attend(q, k, v)
+
+    def attend(self, q, k, v):
         n, L, c = q.shape
         q, k, v = (a.view(n, -1, self.heads, c // self.heads).transpose(1, 2) for a in (q, k, v))  # N nh L hs
         out = attention(q, k, v)
@@ -190,36 +195,59 @@ class PositionalEncoding(nn.Module):
 
 
 class TemporalAttention(Attention):
-    """VersatileAttention: self-attention over frames; the PE is added to the normed input (q, k and v see it)."""
+    """VersatileAttention: self-attention over frames; the PE is added to the normed input (q, k and v see it).
+    window k > 1 (UNetConfig.motion_window; not AnimateDiff, no extra weights): each position's frames attend to the
+    frames of its k x k neighbourhood, every neighbour's offset marked by a fixed sinusoid (positions after the
+    temporal PE's), so a moving object's evidence in other frames reaches it directly (docs/demo.md)."""
 
-    def __init__(self, dim, heads, max_len):
+    def __init__(self, dim, heads, max_len, window=1):
         super().__init__(dim, heads)
         self.pos_encoder = PositionalEncoding(dim, max_len)
+        self.window = window
+        if window > 1:
+            self.register_buffer("offset_pe", sinusoid_pe(max_len + window ** 2, dim)[0, max_len:, None],
+                                 persistent=False)  # k*k 1 C
 
-    def forward(self, x):  # x: (B H W) F C
-        return super().forward(x + self.pos_encoder.pe[:, : x.shape[1]].to(x.dtype))
+    def forward(self, x, hw=None):  # x: (B H W) F C
+        x = x + self.pos_encoder.pe[:, : x.shape[1]].to(x.dtype)
+        if self.window == 1:
+            return super().forward(x)
+        f, off = x.shape[1], self.offset_pe.to(x.dtype)  # the gather after the (linear) projections: k*k x cheaper
+        k, v = (neighbourhood(p(x), *hw, self.window) + p(off).repeat(1, f, 1).flatten(0, 1)
+                for p in (self.to_k, self.to_v))
+        return self.attend(self.to_q(x), k, v)
+
+
+def neighbourhood(x, h, w, k):
+    """(B H W) F C -> (B H W) (k*k F) C: every position's tokens of the k x k positions around it (edges replicated)"""
+    bhw, f, c = x.shape
+    b, r = bhw // (h * w), k // 2
+    x = x.view(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(b * f, c, h, w)  # (B F) C H W
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = torch.stack([x[..., i:i + h, j:j + w] for i in range(k) for j in range(k)], 1)  # (B F) K C H W
+    return x.view(b, f, k * k, c, h, w).permute(0, 4, 5, 2, 1, 3).reshape(bhw, k * k * f, c)  # (B H W) (K F) C
 
 
 class TemporalBlock(nn.Module):
-    def __init__(self, dim, heads, max_len):
+    def __init__(self, dim, heads, max_len, window=1):
         super().__init__()
-        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len) for _ in range(2)])
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len, window) for _ in range(2)])
         self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2)])
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x):
+    def forward(self, x, hw=None):
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = attn(norm(x)) + x
+            x = attn(norm(x), hw) + x
         return self.ff(self.ff_norm(x)) + x
 
 
 class TemporalTransformer(nn.Module):
-    def __init__(self, dim, heads, groups, max_len):
+    def __init__(self, dim, heads, groups, max_len, window=1):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)  # per frame, as AnimateDiff (diffusers pools frames)
         self.proj_in = nn.Linear(dim, dim)
-        self.transformer_blocks = nn.ModuleList([TemporalBlock(dim, heads, max_len)])
+        self.transformer_blocks = nn.ModuleList([TemporalBlock(dim, heads, max_len, window)])
         self.proj_out = nn.Linear(dim, dim)
 
     def forward(self, x, frames):
@@ -227,7 +255,7 @@ class TemporalTransformer(nn.Module):
         b = bf // frames
         r = x
         x = self.norm(x).view(b, frames, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, frames, c)  # (B H W) F C
-        x = self.proj_out(self.transformer_blocks[0](self.proj_in(x)))
+        x = self.proj_out(self.transformer_blocks[0](self.proj_in(x), (h, w)))
         x = x.view(b, h, w, frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)  # (B F) C H W
         return x + r
 
@@ -235,9 +263,9 @@ class TemporalTransformer(nn.Module):
 class MotionModule(nn.Module):
     """AnimateDiff VanillaTemporalModule, plus FLASH's motion feature alignment on its output when training."""
 
-    def __init__(self, dim, heads, groups, max_len):
+    def __init__(self, dim, heads, groups, max_len, window=1):
         super().__init__()
-        self.temporal_transformer = TemporalTransformer(dim, heads, groups, max_len)
+        self.temporal_transformer = TemporalTransformer(dim, heads, groups, max_len, window)
         self.align_tau = None  # set by train.py: percentile tau of FLASH motion feature alignment, None = off
 
     def forward(self, x, frames):
@@ -311,7 +339,8 @@ class UNet(nn.Module):
         self.info = {}  # filled by load_unet: formats and motion-module version
         res = lambda cin, cout: ResnetBlock(cin, cout, temb, g, cfg.frame_pooled_norm)
         attn = lambda c: Transformer2D(c, heads, cfg.cross_attention_dim, g, cfg.cross_frame)
-        mm = lambda c: MotionModule(c, cfg.motion_heads, g, cfg.motion_max_len)
+        mm = lambda c, k: MotionModule(c, cfg.motion_heads, g, cfg.motion_max_len, k)
+        win = cfg.motion_window or (1,) * len(ch)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.down_blocks = nn.ModuleList()
@@ -321,7 +350,7 @@ class UNet(nn.Module):
             if cfg.down_attention[i]:
                 blk.attentions = nn.ModuleList([attn(c) for _ in range(L)])
             if cfg.motion_modules:
-                blk.motion_modules = nn.ModuleList([mm(c) for _ in range(L)])
+                blk.motion_modules = nn.ModuleList([mm(c, win[i]) for _ in range(L)])
             if not last:
                 blk.downsamplers = nn.ModuleList([Downsample(c)])
             self.down_blocks.append(blk)
@@ -329,7 +358,7 @@ class UNet(nn.Module):
         self.mid_block.resnets = nn.ModuleList([res(ch[-1], ch[-1]), res(ch[-1], ch[-1])])
         self.mid_block.attentions = nn.ModuleList([attn(ch[-1])])
         if cfg.motion_modules and cfg.motion_mid_block:
-            self.mid_block.motion_modules = nn.ModuleList([mm(ch[-1])])
+            self.mid_block.motion_modules = nn.ModuleList([mm(ch[-1], win[-1])])
         self.up_blocks = nn.ModuleList()
         rch, rattn = ch[::-1], cfg.down_attention[::-1]
         for i, c in enumerate(rch):
@@ -340,7 +369,7 @@ class UNet(nn.Module):
             if rattn[i]:
                 blk.attentions = nn.ModuleList([attn(c) for _ in range(L + 1)])
             if cfg.motion_modules:
-                blk.motion_modules = nn.ModuleList([mm(c) for _ in range(L + 1)])
+                blk.motion_modules = nn.ModuleList([mm(c, win[::-1][i]) for _ in range(L + 1)])
             if not last:
                 blk.upsamplers = nn.ModuleList([Upsample(c)])
             self.up_blocks.append(blk)
@@ -562,7 +591,7 @@ def read_unet_config(folder):
     return dict(in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4),
                 block_out_channels=tuple(c["block_out_channels"]), layers_per_block=c.get("layers_per_block", 2),
                 attention_heads=heads, cross_attention_dim=c.get("cross_attention_dim", 768),
-                norm_num_groups=c.get("norm_num_groups", 32),
+                norm_num_groups=c.get("norm_num_groups", 32), motion_window=tuple(c.get("motion_window", ())),
                 down_attention=tuple("CrossAttn" in t for t in c["down_block_types"]))
 
 
@@ -621,6 +650,8 @@ def save_unet(unet, folder):
               "attention_head_dim": c.attention_heads, "cross_attention_dim": c.cross_attention_dim,
               "norm_num_groups": c.norm_num_groups, "down_block_types": types,
               "up_block_types": [t.replace("Down", "Up") for t in types[::-1]], "sample_size": 64}
+    if any(k > 1 for k in c.motion_window):  # not a diffusers key: the toy's motion modules' neighbourhood (UNetConfig)
+        config["motion_window"] = list(c.motion_window)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     sd = {k: v.contiguous() for k, v in unet.state_dict().items() if "motion_modules." not in k}

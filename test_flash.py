@@ -14,6 +14,7 @@ import subprocess
 import sys
 import unicodedata
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -556,6 +557,49 @@ class TestUNet:
             _, cfg, info = M.read_motion_module(tmp_path / f"{version}.safetensors")
             assert info["motion_version"] == version and cfg["motion_max_len"] == length
             assert cfg["frame_pooled_norm"] == (version == "v1")
+
+    def test_motion_window_gathers_each_neighbourhood(self):
+        """model.neighbourhood against plain indexing: position (y, x)'s keys are the frames of (y + dy, x + dx),
+        dy, dx in -1..1 row-major, clamped at the frame's edge"""
+        b, h, w, f, c = 2, 4, 5, 3, 6
+        x = torch.randn(b * h * w, f, c)
+        got = M.neighbourhood(x, h, w, 3).view(b, h, w, 9, f, c)
+        xv = x.view(b, h, w, f, c)
+        offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        for y in range(h):
+            for z in range(w):
+                for n, (dy, dx) in enumerate(offsets):
+                    assert torch.equal(got[:, y, z, n], xv[:, min(max(y + dy, 0), h - 1), min(max(z + dx, 0), w - 1)])
+
+    def test_motion_window_on_a_uniform_field_is_animatediff(self):
+        """softmax over 9 copies of the same keys equals the softmax over one: without the offset marks a spatially
+        uniform input gives the window-1 (AnimateDiff) output; with them it does not (they tell neighbours apart)"""
+        torch.manual_seed(0)
+        win, one = M.TemporalAttention(32, 8, 24, window=3), M.TemporalAttention(32, 8, 24)
+        one.load_state_dict(win.state_dict())  # strict: the window adds no weights
+        x = torch.randn(2, 1, 1, 5, 32).expand(2, 4, 3, 5, 32).reshape(24, 5, 32)  # (B H W) F C, uniform in H W
+        with torch.no_grad():
+            assert not torch.allclose(win(x, (4, 3)), one(x), atol=1e-3)
+            win.offset_pe.zero_()
+            torch.testing.assert_close(win(x, (4, 3)), one(x), atol=1e-5, rtol=1e-5)
+
+    def test_motion_window_round_trips_and_stays_off_for_animatediff(self, written, tmp_path):
+        d, _, _ = written
+        u = M.load_unet(d / "sd", d / "adapter").eval()
+        windows = lambda m: [a.window for n, a in m.named_modules() if n.endswith("attention_blocks.0")]
+        assert u.config.motion_window == () and set(windows(u)) == {1}
+        u3 = M.UNet(replace(u.config, motion_window=(1, 3, 3, 5))).eval()
+        u3.load_state_dict(u.state_dict())  # strict: the same keys
+        assert windows(u3) == [1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 5, 5, 3, 3, 3, 3, 3, 3, 1, 1, 1]  # down, mid, up (mirrored)
+        M.save_unet(u3, tmp_path / "unet")
+        M.save_motion_module(u3, tmp_path / "mm.safetensors")
+        back = M.load_unet(tmp_path, tmp_path / "mm.safetensors").eval()
+        assert back.config.motion_window == (1, 3, 3, 5)
+        x, t, ctx = inputs(hw=(8, 16))
+        with torch.no_grad():
+            assert torch.equal(back(x, t, ctx), u3(x, t, ctx)) and not torch.allclose(u3(x, t, ctx), u(x, t, ctx))
+        M.save_unet(u, tmp_path / "plain")
+        assert "motion_window" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
     def test_v1_pooled_groupnorm_matches_5d_groupnorm(self):
         """v1 resnets normalise with statistics over all frames: equal to nn.GroupNorm on the (B, C, F, H, W) tensor."""
