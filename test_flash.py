@@ -405,9 +405,10 @@ def cli(*args):
 # Every sampler mode on the tiny random pipeline (fp32, CPU, one thread), 6-frame U-Net calls, 3 DDIM steps: four
 # numbers per mode (the final latents' mean, mean square and projection on a fixed random direction, the uint8
 # frames' mean) of what the code before sample.animate was split into one function per mode gave (issue 22). A
-# change beyond float rounding is a change of behaviour; the last bits move with the CPU's kernels (SHA-256s of the same outputs,
-# recorded at first, matched on one machine and not on another); the tolerance, 1e-3 relative + 1e-5, takes that
-# (measured: two threads against one move them by at most 7 % of it) and every two modes differ by 9x it or more.
+# change beyond float rounding is a change of behaviour; the last bits move with the CPU's kernels (SHA-256s of the
+# same outputs, recorded at first, matched on one machine and not on another); the tolerance, 1e-3 relative + 1e-5,
+# takes that (measured: two threads against one move them by at most 7 % of it) and every two modes differ by 9x it
+# or more.
 SAMPLER_CASES = {
     "plain": dict(frames=6), "adain post": dict(frames=6, adain="post"), "adain off": dict(frames=6, adain="off"),
     "shared noise": dict(frames=6, shared_noise=0.2), "mixed noise": dict(frames=6, mixed_noise=0.3),
