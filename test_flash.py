@@ -3641,6 +3641,18 @@ class TestExport:
         assert rel_err(got, want) <= 1e-4, rel_err(got, want)
         assert rel_err(no_kv, want) > 1e-3  # the attn1 LoRA carried the K/V training
 
+    def test_export_warns_only_for_a_windowed_base(self, written, tmp_path, capsys):
+        d, _, _ = written
+        shutil.copytree(d / "sd", tmp_path / "sd")
+        cfg = tmp_path / "sd" / "unet" / "config.json"
+        for name, base in (("plain", d / "sd"), ("window", tmp_path / "sd")):
+            if name == "window":
+                cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "motion_window": [1, 3, 3, 3]}))
+            run, _ = flash_run(tmp_path / name, base, d / "mm_ad.safetensors")
+            X.main([str(run), "--to", "lora", "--rank", "2", "--out", str(tmp_path / f"out_{name}")])
+            err = capsys.readouterr().err
+            assert ("warning: this base's motion modules attend over (1, 3, 3, 3)" in err) == (name == "window"), err
+
     def test_export_animatediff_loads_strictly_and_through_diffusers_converters(self, written, tmp_path):
         pytest.importorskip("peft")
         from diffusers import MotionAdapter, UNet2DConditionModel
