@@ -448,7 +448,7 @@ def build_base(out, steps, seed=0, device="cpu", log=print):
     build = dict(seconds=train_s, seed=seed, threads=torch.get_num_threads(), steps=steps, lr=LR, batch=BATCH,
                  prediction_type=PREDICTION, mixed_noise=MIXED_NOISE, loss_weight="max(1, 1/SNR)",
                  i2v_fraction=I2V_FRACTION, shared_noise_mean=SHARED_MEAN, pool_frames=POOL, motion_clips=MOTION_POOL,
-                 motion_captions=len(names),
+                 motion_captions=len(names), motion_window=list(UNET_CFG.motion_window),
                  losses=dict(vae=first_last(vae_losses, 5), unet=first_last(unet_losses, 5),
                              motion=first_last(motion_losses, 20)),
                  gates={k: v for k, v in gates.items() if not k.endswith("_rows")}, gate_rows=dict(

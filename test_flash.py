@@ -2828,6 +2828,8 @@ class TestDemo:
         pipe = demo.load_base(demo.BASE, "cpu")  # sample.py's strict loader, the SD-1.5 + AnimateDiff layouts
         assert pipe.info["motion_version"] == "v2" and pipe.info["unet_format"] == "diffusers"
         assert pipe.prediction_type == demo.PREDICTION  # read from its scheduler/scheduler_config.json
+        window = tuple(pipe.unet.config.motion_window)  # read from unet/config.json: the one demo.py builds with
+        assert window == tuple(build.get("motion_window", ())) == tuple(demo.UNET_CFG.motion_window)
         proj = [p for k, p in pipe.unet.named_parameters() if "temporal_transformer.proj_out.weight" in k]
         assert proj and all(p.abs().max() > 0 for p in proj)  # pretrained: no longer AnimateDiff's zero init
         sd = load_file(demo.BASE / "motion_module.safetensors")  # AnimateDiff's own key layout
