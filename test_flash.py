@@ -3647,9 +3647,8 @@ class TestExport:
         d, _, _ = written
         shutil.copytree(d / "sd", tmp_path / "sd")
         cfg = tmp_path / "sd" / "unet" / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "motion_window": [1, 3, 3, 3]}))
         for name, base in (("plain", d / "sd"), ("window", tmp_path / "sd")):
-            if name == "window":
-                cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "motion_window": [1, 3, 3, 3]}))
             run, _ = flash_run(tmp_path / name, base, d / "mm_ad.safetensors")
             X.main([str(run), "--to", "lora", "--rank", "2", "--out", str(tmp_path / f"out_{name}")])
             err = capsys.readouterr().err
