@@ -714,8 +714,8 @@ def get_parser():
     p.add_argument("--check-base", action="store_true",
                    help="only re-measure the base's gates (VAE PSNR, text-to-video, image-to-video) and compare them "
                         "with the ones its build.json recorded")
-    p.add_argument("--flash-steps", type=int, help=f"steps of the FLASH stage (default {FLASH['steps']}; 1800: "
-                   "0.26-0.39x the static floor on seeds 0-2 instead of 0.34-0.59x, about 14 min; docs/demo.md)")
+    p.add_argument("--flash-steps", type=int, help=f"steps of the FLASH stage (default {FLASH['steps']}; 1200: lower "
+                   "error and jitter on seeds 0-2, fewer actions performed, ~10 min; docs/demo.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", help="several seeds, one run each (default: --seed; 0 1 2 with "
                                                        "--ablation)")
