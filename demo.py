@@ -66,7 +66,9 @@ VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
     "#6": ("flash_decoder", "#5 + detail decoder (Sec. 3.3)", {}),  # #5's U-Net, then train.py --stage decoder
 }
 DECODER = dict(steps=300, steps_fast=2, lr=1e-3)  # #6's decoder stage
-SAMPLING = dict(steps=25, guidance=7.5, adain="lamp")  # sample.py's defaults (FLASH A3.2)
+# sampling: sample.py's defaults (FLASH A3.2) and Spatiotemporal Skip Guidance (arXiv 2411.18664; sample.py --stg,
+# off there) at scale 2: the per-frame wobble the motion modules leave unpooled is what it pushes against (docs/demo.md)
+SAMPLING = dict(steps=25, guidance=7.5, adain="lamp", stg=2.0)
 THREADS = 2  # idle 2-core CPU: two threads are fastest; one per process when two runs share the machine
 
 # ----------------------------------------------------------------------------- the toy world
@@ -495,7 +497,8 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
     """The gates: (a) VAE PSNR on held-out frames; (b) text-to-video (sample.animate without an image: every frame
     from noise, cross-frame attention off) on every generic motion, shapes in turn, scored against the caption's path
     from the track's first point; (c) the base in FLASH's image-to-video sampler (clean first frame, cross-frame
-    attention) from a fresh look placed where the path fits, same captions: stated, not required to pass."""
+    attention) from a fresh look placed where the path fits, same captions: stated, not required to pass. Both
+    sample as the demo does (SAMPLING, its STG included)."""
     steps = steps or SAMPLING["steps"]
     captions = captions or [f"{SHAPES[i % len(SHAPES)]} {m}" for i, m in enumerate(MOTIONS)]
     g, t2v, i2v = torch.Generator().manual_seed(40_000 + seed), [], []
@@ -503,7 +506,8 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
         shape, motion = caption.split(" ", 1)
         path = motion_path(motion, FRAMES, SIZE)
         v = animate(pipe, None, f"a {caption}", frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i,
-                    steps=steps, guidance=SAMPLING["guidance"], adain="off", progress=False, **NOISE)
+                    steps=steps, guidance=SAMPLING["guidance"], stg=SAMPLING["stg"], adain="off", progress=False,
+                    **NOISE)
         t2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path)))
         look = dict(draw_look(g, dict(ALL, shapes=(shape,))))
         start = place(path, g)
@@ -512,11 +516,12 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
                     progress=False, **NOISE, **{**SAMPLING, "steps": steps})
         i2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path, start)))
     mean = lambda rows: {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "caption"}
-    r = dict(vae_psnr=vae_psnr(pipe.vae), t2v=mean(t2v), i2v=mean(i2v), t2v_rows=t2v, i2v_rows=i2v, steps=steps)
+    r = dict(vae_psnr=vae_psnr(pipe.vae), t2v=mean(t2v), i2v=mean(i2v), t2v_rows=t2v, i2v_rows=i2v, steps=steps,
+             stg=SAMPLING["stg"])
     r["passed"] = dict(vae_psnr=r["vae_psnr"] >= GATES["vae_psnr"], t2v_err=r["t2v"]["mean_err"] <= GATES["t2v_err"],
                        t2v_jitter=r["t2v"]["jitter"] <= GATES["t2v_jitter"],
                        t2v_bg_psnr=r["t2v"]["bg_psnr"] >= GATES["t2v_bg_psnr"])
-    log(f"gates: (a) VAE PSNR {r['vae_psnr']:.1f} dB (>= {GATES['vae_psnr']}); (b) text-to-video on "
+    log(f"gates (STG {r['stg']:g}): (a) VAE PSNR {r['vae_psnr']:.1f} dB (>= {GATES['vae_psnr']}); (b) text-to-video on "
         f"{len(captions)} captions: mean err {r['t2v']['mean_err']:.2f} px (<= {GATES['t2v_err']}), jitter "
         f"{r['t2v']['jitter']:.2f} px (<= {GATES['t2v_jitter']}), background {r['t2v']['bg_psnr']:.1f} dB "
         f"(>= {GATES['t2v_bg_psnr']}); (c) image-to-video, before FLASH: mean err {r['i2v']['mean_err']:.2f} px, "
@@ -736,7 +741,7 @@ def check_gates(args, log):
     for k in ("t2v_rows", "i2v_rows"):
         r.pop(k)
     if built:
-        log(f"build.json recorded: VAE {built['vae_psnr']:.1f} dB, text-to-video {built['t2v']['mean_err']:.2f} px "
+        log(f"build.json recorded (STG {built.get('stg', 0):g}): VAE {built['vae_psnr']:.1f} dB, text-to-video {built['t2v']['mean_err']:.2f} px "
             f"/ jitter {built['t2v']['jitter']:.2f} px / {built['t2v']['bg_psnr']:.1f} dB, image-to-video "
             f"{built['i2v']['mean_err']:.2f} px; passed {built['passed']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -772,7 +777,8 @@ def main(argv=None):
     log(f"done in {wall:.0f}s: {last}/scores.json, {last}/demo.gif. Animate your own image with the demo model:\n"
         f"python sample.py --base {args.base} --motion-module {args.base}/motion_module.safetensors "
         f"--checkpoint {last}/flash --image {last}/reference.png --seed {seeds[-1]} --out {last}/cli_sample.mp4"
-        + (" --shared-noise-mean" if SHARED_MEAN else ""))  # as the demo sampled reference 0 (mixed noise: ckpt's)
+        + (" --shared-noise-mean" if SHARED_MEAN else "")  # as the demo sampled reference 0 (mixed noise: ckpt's)
+        + f" --stg {SAMPLING['stg']:g}")
     result = dict(report=reports[-1], reports=reports, table=table, diagnostic=diagnostic, pipe=pipe, out=last,
                   wall_s=wall)
     if args.long:

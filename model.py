@@ -267,10 +267,12 @@ class MotionModule(nn.Module):
         super().__init__()
         self.temporal_transformer = TemporalTransformer(dim, heads, groups, max_len, window)
         self.align_tau = None  # set by train.py: percentile tau of FLASH motion feature alignment, None = off
+        self.skip = None  # set by sample.motion_skipped: (B,) bool, True = that clip passes through (STG's weak model)
 
     def forward(self, x, frames):
-        x = self.temporal_transformer(x, frames)
-        return x if self.align_tau is None else motion_align(x, frames, self.align_tau)
+        y = self.temporal_transformer(x, frames)
+        y = y if self.align_tau is None else motion_align(y, frames, self.align_tau)
+        return y if self.skip is None else torch.where(self.skip.repeat_interleave(frames).view(-1, 1, 1, 1), x, y)
 
 
 def motion_align(x, frames, tau=90.0, eps=1e-5):

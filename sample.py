@@ -26,8 +26,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_text import load_text_encoder, load_tokenizer, save_text_encoder, save_tokenizer
 from data import exit_on_error, plain_warnings, tqdm, write_video
-from model import (DTYPES, Attention, autocast_dtype, load_checked, load_state_dict_file, load_unet, read_json,
-                   save_motion_module, save_unet)
+from model import (DTYPES, Attention, MotionModule, autocast_dtype, load_checked, load_state_dict_file, load_unet,
+                   read_json, save_motion_module, save_unet)
 from vae import VAE, load_vae, save_vae
 
 # ----------------------------------------------------------------------------- DDIM
@@ -176,7 +176,7 @@ def loop_loss(x0):
 
 def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=None, overlap=OVERLAP,
                    gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False, loop_weight=LOOP_WEIGHT, loop_grad="x0",
-                   mixed_noise=0.0):
+                   mixed_noise=0.0, stg=0.0):
     """animate()'s and the CLI's rules for the sampling settings (frames None: not known yet)."""
     if frames is not None and frames < 2:
         raise ValueError(f"--frames {frames}: want at least 2 (frame 1 is the reference image)")
@@ -186,6 +186,8 @@ def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=No
         raise ValueError(f"--shared-noise {shared_noise}: want 0 <= alpha < 1 (LAMP uses 0.2)")
     if not 0 <= mixed_noise < 1:
         raise ValueError(f"--mixed-noise {mixed_noise}: want 0 <= share < 1 (0 = independent frames)")
+    if not 0 <= stg < math.inf:
+        raise ValueError(f"--stg {stg}: want a finite scale >= 0 (0 = off)")
     for name, v, ok in (("adain", adain, ADAIN_MODES), ("long", long, LONG_MODES + (None,)),
                         ("loop-grad", loop_grad, ("x0", "unet"))):
         if v not in ok:
@@ -401,6 +403,7 @@ class Run:
     split: int = 0  # phased: M, the DDIM steps later segments take from segment 1 (Eq. 9)
     adain: str = "off"
     shared_noise: float = 0.0
+    stg: float = 0.0  # Spatiotemporal Skip Guidance's scale (guided_eps); 0 = off
     overlap: int = OVERLAP
     omega: float = PHASED_OMEGA
     loop: bool = False
@@ -447,24 +450,28 @@ def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=A
                loop=loop, loop_grad=loop_grad, **settings)
 
 
-def guided_eps(unet, x, t, ctx, guidance, a_t, prediction_type):
-    """One U-Net call with classifier-free guidance (Ho & Salimans, Eq. 6), both branches in one batch:
+def guided_eps(unet, x, t, ctx, guidance, a_t, prediction_type, stg=0.0):
+    """One U-Net call with classifier-free guidance (Ho & Salimans, Eq. 6), its branches in one batch:
     eps = eps_u + guidance (eps_c - eps_u); ctx = [negative; prompt] embeddings (guidance <= 1: [prompt] alone).
+    stg > 0: + stg (eps_c - eps_skip), Spatiotemporal Skip Guidance (arXiv 2411.18664, Eq. 6), its weak model the
+    prompt's branch with every motion module passed through (a third branch in the same batch).
     a_t, prediction_type: a v-model's output becomes eps first (predicted_eps)."""
-    cfg = guidance > 1
-    x_in = torch.cat([x, x]) if cfg else x
-    eps = predicted_eps(unet(x_in, t, ctx).float(), x_in, a_t, prediction_type)
-    if cfg:
-        eps_u, eps_c = eps.chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
-    return eps
+    n, cfg = len(x), guidance > 1
+    x_in = torch.cat([x] * (1 + cfg + bool(stg)))
+    ctx_in = torch.cat([ctx, ctx[-n:]]) if stg else ctx
+    skip = torch.arange(len(x_in), device=x.device) >= len(x_in) - n if stg else None
+    with motion_skipped(unet, skip):
+        eps = predicted_eps(unet(x_in, t, ctx_in).float(), x_in, a_t, prediction_type).split(n)
+    eps_c = eps[int(cfg)]
+    out = eps[0] + guidance * (eps_c - eps[0]) if cfg else eps_c
+    return out + stg * (eps_c - eps[-1]) if stg else out
 
 
 def unet_call(run, x, t):
     """guided_eps on x = [clean first frame; frames], counted on the progress bar; the first call (warm-up
     included, so an upper bound) times the run."""
     next(run.bar)
-    eps = guided_eps(run.pipe.unet, x, t, run.ctx, run.guidance, run.acp[t], run.pipe.prediction_type)
+    eps = guided_eps(run.pipe.unet, x, t, run.ctx, run.guidance, run.acp[t], run.pipe.prediction_type, run.stg)
     run.n_calls += 1
     if run.n_calls == 1 and run.log is not None:
         if run.pipe.device.type == "cuda":
@@ -633,6 +640,20 @@ def cross_frame_attention(unet, on):
             m.cross_frame = was
 
 
+@contextmanager
+def motion_skipped(unet, skip):
+    """skip (B,) bool or None: the clips of the batch whose motion modules pass their input through while the block
+    runs: the U-Net as the image model it was before AnimateDiff, STG's weak model here (guided_eps)."""
+    mods = [m for m in unet.modules() if isinstance(m, MotionModule)]
+    for m in mods:
+        m.skip = skip
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.skip = None
+
+
 def encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise, shared_mean=False):
     """The prompt's embeddings, E(I) and the initial noise -> run (ctx, z0, done, g, ts); returns the image batch
     (1,3,H,W) or None, and the noise of the first U-Net call (1,4,min(N, context),h,w)."""
@@ -670,7 +691,8 @@ def decode(pipe, x, img, detail=True):
 def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidance=7.5, seed=0, height=None,
             width=None, adain=None, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
             context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
-            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0, shared_mean=False, log=None):
+            loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0, shared_mean=False, stg=0.0,
+            log=None):
     """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
     image None: AnimateDiff's own text-to-video (every frame from noise, cross-frame attention off, no AdaIN).
     adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
@@ -678,7 +700,7 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     frame 1 after decoding. Frames beyond `context` (default: the training length) use `long`: "phased" (default;
     arXiv 2405.17306 Sec. 3.4), "windows" (sliding windows, FreeNoise; the default with loop and in text-to-video)
     or "naive" (each segment restarts from the previous one's last frame); with frames <= context every mode is the
-    plain sampler. loop: LVMM's looping guidance with weight loop_weight, its gradient taken through DDIM's x0
+    plain sampler. stg: Spatiotemporal Skip Guidance's scale (guided_eps). loop: LVMM's looping guidance with weight loop_weight, its gradient taken through DDIM's x0
     formula ("x0") or also through the U-Net ("unet"). callback(i, t, latents) runs after every DDIM step on the
     frames being denoised (the whole video, or one phased/naive segment); log(line) gets the time estimate after
     the first U-Net call; timing, checks and the final latents land in pipe.info["last_run"]."""
@@ -690,10 +712,10 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     height, width = height or s.get("height", 512), width or s.get("width", 512)
     check_size(height, width)  # validate
     check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad,
-                   mixed_noise)
+                   mixed_noise, stg)
     run = sampling_plan(pipe, frames, steps, guidance, text_only, adain, long, context, overlap, gamma, loop,
                         loop_grad, shared_noise=shared_noise, omega=omega, loop_weight=loop_weight,
-                        callback=callback, log=log)
+                        callback=callback, log=log, stg=stg)
     img, noise = encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise, shared_mean)  # encode
     run.bar = iter(tqdm(range(run.calls), desc="DDIM" if run.mode == "plain" else f"DDIM {run.mode} (U-Net calls)",
                         disable=not progress))
@@ -771,7 +793,7 @@ def check_args(args):
         raise ValueError(f"--long {args.long} restarts every segment from a clean frame: text-to-video has none (no "
                          f"--image); use --long windows")
     check_sampling(args.frames, args.steps, args.shared_noise, args.adain or ADAIN, args.long, args.overlap,
-                   args.gamma, args.omega, args.loop, args.loop_weight, args.loop_grad)
+                   args.gamma, args.omega, args.loop, args.loop_weight, args.loop_grad, stg=args.stg)
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: want a finite scale (FLASH uses 7.5; <= 1 turns CFG off)")
     if args.fps is not None and not args.fps > 0:
@@ -829,7 +851,7 @@ def plan_line(args, plan, videos):
     return (f"plan: {videos} video(s) of {args.frames} frames {args.height}x{args.width}"
             f"{' from text alone' * (not args.image)}: {plan.calls} U-Net calls of up to "
             f"{min(args.frames, plan.context)} frames "
-            f"each{how}, CFG batch of {2 if args.guidance > 1 else 1}; the decoded frames take {frames_gib:.2g} GiB"
+            f"each{how}, CFG batch of {2 if args.guidance > 1 else 1}{' + an STG call of 1' * bool(args.stg)}; the decoded frames take {frames_gib:.2g} GiB"
             f" (check memory first: python sample.py --estimate-memory ...)")
 
 
@@ -841,7 +863,7 @@ def sidecar(args, pipe, file, out, secs):
                 negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps, guidance=args.guidance,
                 seed=args.seed, height=args.height, width=args.width, fps=args.fps, adain=args.adain,
                 hist_match=args.hist_match, shared_noise=args.shared_noise, mixed_noise=args.mixed_noise,
-                shared_noise_mean=args.shared_noise_mean, long=last["long"], context_frames=last["context_frames"],
+                shared_noise_mean=args.shared_noise_mean, stg=args.stg, long=last["long"], context_frames=last["context_frames"],
                 unet_calls=last["unet_calls"],
                 overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
                 loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
@@ -868,7 +890,7 @@ def run(args):
     kw = dict(adain=args.adain, shared_noise=args.shared_noise, detail=not args.no_detail, long=args.long,
               context=args.context_frames, overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
               loop_weight=args.loop_weight, loop_grad=args.loop_grad, hist_match=args.hist_match,
-              mixed_noise=args.mixed_noise, shared_mean=args.shared_noise_mean)
+              mixed_noise=args.mixed_noise, shared_mean=args.shared_noise_mean, stg=args.stg)
     plan = sampling_plan(pipe, args.frames, args.steps, args.guidance, not args.image, args.adain, args.long,
                          args.context_frames, args.overlap, args.gamma, args.loop, args.loop_grad)
     print(plan_line(args, plan, len(files)), flush=True)
@@ -924,6 +946,10 @@ def get_parser():
     p.add_argument("--frames", type=int, help="frames (default: the checkpoint's, else 16); any number >= 2")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--stg", type=float, default=0.0,
+                   help="Spatiotemporal Skip Guidance scale (arXiv 2411.18664): away from the same U-Net with its "
+                        "motion modules skipped: steadier motion, one more U-Net call per step (default 0 = off; "
+                        "measured on the demo's toy only: docs/demo.md)")
     p.add_argument("--seed", type=int, help="noise seed (default: random, written to the file name and JSON)")
     p.add_argument("--height", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")

@@ -4,6 +4,7 @@ vocabulary is used when ../shared/data/bpe_simple_vocab_16e6.txt.gz is present. 
 Run: python -m pytest -q test_flash.py   (or: python test_flash.py)
 """
 import colorsys
+import copy
 import hashlib
 import json
 import math
@@ -1793,6 +1794,32 @@ class TestSample:
         assert not np.array_equal(a[1:], d[1:])
         hook.remove()
 
+    def test_stg_is_the_papers_formula_with_an_identity_motion_module_as_weak_model(self):
+        # STG (arXiv 2411.18664, Eq. 6): eps_u + w_cfg (eps_c - eps_u) + w_stg (eps_c - eps_weak). The weak model is
+        # built independently here: a copy of the U-Net whose motion modules' proj_out are zero, so each returns its
+        # input exactly (the residual); its eps must differ from the full U-Net's, or the test proves nothing.
+        pipe = tiny_pipeline(3)
+        weak = copy.deepcopy(pipe.unet)
+        with torch.no_grad():
+            for n, p in weak.named_parameters():
+                if "motion_modules" in n and "proj_out" in n:
+                    p.zero_()
+        g = gen(4)
+        x, ctx = torch.randn(1, 4, 5, 8, 8, generator=g), torch.randn(2, 7, UNET_TINY["cross_attention_dim"], generator=g)
+        t, a_t = torch.tensor([500]), S.alphas_cumprod()[500]
+        with torch.no_grad():
+            eps_u, eps_c = pipe.unet(torch.cat([x, x]), t, ctx).chunk(2)
+            eps_w = weak(x, t, ctx[1:])
+            assert (eps_c - eps_w).abs().max() > 1e-3  # the motion modules matter in this net
+            for guidance, w in ((7.5, 2.0), (1.0, 3.0)):
+                want = (eps_u + guidance * (eps_c - eps_u) if guidance > 1 else eps_c) + w * (eps_c - eps_w)
+                cond = ctx if guidance > 1 else ctx[1:]
+                got = S.guided_eps(pipe.unet, x, t, cond, guidance, a_t, "epsilon", stg=w)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert all(m.skip is None for m in pipe.unet.modules() if isinstance(m, S.MotionModule))  # restored
+            torch.testing.assert_close(S.guided_eps(pipe.unet, x, t, ctx, 7.5, a_t, "epsilon"),
+                                       eps_u + 7.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)  # stg 0: plain CFG
+
     def test_encode_prompt_where_the_text_encoder_is(self, sd):
         """train.py moves the text encoder off the GPU; its periodic samples encode prompts all the same. Here the
         pipeline's device is 'meta' while the encoder stays on the CPU: ids go to the encoder, the result to the device."""
@@ -2024,7 +2051,7 @@ class TestSample:
         p = cli("--image", tmp_path / "refs", "--base", sd, "--motion-module", sd / "motion_module.safetensors",
                 "--prompt", "wave", "--height", H, "--width", W, "--steps", 2, "--frames", 12, "--context-frames", 6,
                 "--long", "windows", "--overlap", 2, "--loop", "--adain", "lamp", "--hist-match", "--seed", 3, "--device", "cpu",
-                "--out", tmp_path / "out")
+                "--stg", 1.5, "--out", tmp_path / "out")
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         lines = out.strip().splitlines()
@@ -2036,7 +2063,7 @@ class TestSample:
             assert (meta["long"], meta["context_frames"], meta["overlap"], meta["frames"]) == ("windows", 6, 2, 12)
             assert meta["loop"] and meta["loop_weight"] == S.LOOP_WEIGHT and meta["loop_grad"] == "x0"
             assert meta["adain"] == "lamp" and meta["hist_match"] and meta["unet_calls"] == 2 * 3
-            assert meta["gamma"] == 0.8 and meta["omega"] == 0.2 and meta["seed"] == 3
+            assert meta["gamma"] == 0.8 and meta["omega"] == 0.2 and meta["seed"] == 3 and meta["stg"] == 1.5
 
     def test_text_to_video_matches_animatediff_pipeline(self, written):
         """image=None is AnimateDiff's own text-to-video: diffusers' AnimateDiffPipeline (its DDIM scheduler as
@@ -2634,6 +2661,7 @@ class TestBadInput:
                   "--overlap 15"),
                  ("empty_image_folder", set_flag(base, "--image", d / "empty"), "no images"),
                  ("nan_guidance", set_flag(base, "--guidance", "nan"), "--guidance nan"),
+                 ("negative_stg", set_flag(base, "--stg", -1), "--stg -1"),
                  ("zero_fps", set_flag(base, "--fps", 0), "--fps"),
                  ("base_cut", set_flag(base, "--base", d / "sd_cut"), "truncated or corrupt"),
                  ("no_weights", set_flag(base, "--base", d / "empty"), "empty"),
