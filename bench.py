@@ -435,7 +435,7 @@ def estimate_main(a, rest):
             raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
         e = estimate("sample", size=a.size or "full", frames=a.frames or 16, height=a.height, width=a.width,
                      dtype=a.dtype or "bf16", vae_dtype=a.vae_dtype, guidance=a.guidance, detail=not a.no_detail,
-                     context=a.context_frames, text_only=a.text_only)
+                     context=a.context_frames, text_only=a.text_only, stg=a.stg)
     print(report(e))
     if a.json:
         Path(a.json).write_text(json.dumps(e, indent=2))
@@ -454,6 +454,7 @@ def get_parser():
     ap.add_argument("--no-detail", action="store_true", help="--estimate sample: the plain SD decoder")
     ap.add_argument("--context-frames", type=int, help="--estimate sample: frames per U-Net call (sample.py's)")
     ap.add_argument("--text-only", action="store_true", help="--estimate sample: text-to-video (no --image)")
+    ap.add_argument("--stg", type=float, default=0.0, help="--estimate sample: sample.py --stg (> 0: one more branch)")
     ap.add_argument("--all", action="store_true", help="every row, then again under torch.compile (the GPU run); "
                     "writes bench_all.json unless --json says otherwise")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -741,7 +741,8 @@ def check_gates(args, log):
     for k in ("t2v_rows", "i2v_rows"):
         r.pop(k)
     if built:
-        log(f"build.json recorded (STG {built.get('stg', 0):g}): VAE {built['vae_psnr']:.1f} dB, text-to-video {built['t2v']['mean_err']:.2f} px "
+        log(f"build.json recorded (STG {built.get('stg', 0):g}): VAE {built['vae_psnr']:.1f} dB, text-to-video "
+            f"{built['t2v']['mean_err']:.2f} px "
             f"/ jitter {built['t2v']['jitter']:.2f} px / {built['t2v']['bg_psnr']:.1f} dB, image-to-video "
             f"{built['i2v']['mean_err']:.2f} px; passed {built['passed']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -192,12 +192,12 @@ def flash_step(t, pipe, params, opt, d, autocast):
 
 
 @torch.no_grad()
-def sample_pass(pipe, frames, height, width, guidance=7.5, steps=2, context=None, text_only=False):
+def sample_pass(pipe, frames, height, width, guidance=7.5, steps=2, context=None, text_only=False, stg=0.0):
     """sample.animate()'s device work through the sampler's own functions (sample.sampling_plan, encode, the mode
     sample.py picks, decode): the prompt and the first frame encoded, `steps` guided DDIM steps (every step holds
     the same memory), the decode in chunks of 4 with the reference's encoder features."""
     img = None if text_only else torch.zeros(3, height, width)
-    run = S.sampling_plan(pipe, frames, steps, guidance, text_only, "off", context=context)
+    run = S.sampling_plan(pipe, frames, steps, guidance, text_only, "off", context=context, stg=stg)
     img, noise = S.encode(run, img, PROMPT, "", height, width, seed=0, mixed_noise=0.0)
     run.bar = iter(range(run.calls))
     with S.cross_frame_attention(pipe.unet, on=not text_only):
@@ -206,7 +206,7 @@ def sample_pass(pipe, frames, height, width, guidance=7.5, steps=2, context=None
 
 
 def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", train=None, vae_dtype="fp32",
-             guidance=7.5, detail=True, context=None, text_only=False, block=512):
+             guidance=7.5, detail=True, context=None, text_only=False, block=512, stg=0.0):
     """Peak GPU memory of one training step (kind "train"; `train` = train_args(), its stage and switches) or one
     sample (kind "sample"), the models built on the meta device as train.py / sample.py hold them on the GPU.
     Returns bytes at the peak by kind, the resident bytes before the step, the phase of the peak and the FLOPs."""
@@ -259,7 +259,7 @@ def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", 
             data = train_data(t, pipe, torch.zeros(1, 77, p["unet"].get("cross_attention_dim", 768)))
             flash_step(t, pipe, params, opt, data, torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32))
         else:
-            sample_pass(pipe, frames, height, width, guidance, context=context, text_only=text_only)
+            sample_pass(pipe, frames, height, width, guidance, context=context, text_only=text_only, stg=stg)
     what = (f"{'training step, ' + stage + ' stage' if kind == 'train' else 'sample'} ({size} size) | {frames} "
             f"frames {height}x{width}")
     if kind == "train" and stage == "unet":
@@ -275,7 +275,8 @@ def estimate(kind, size="full", frames=16, height=512, width=512, dtype="bf16", 
         how = "" if plan.mode == "plain" else f" ({plan.mode}, {plan.calls} U-Net calls at 25 steps)"
         dec = "on (full-resolution patch attention, as a GPU-trained one)" if detail and not text_only else "off"
         what += (f" over {plan.context}-frame U-Net calls{how}{', text-to-video' * text_only}, CFG batch of "
-                 f"{2 if guidance > 1 else 1}, U-Net {dtype}, VAE {vae_dtype}, detail decoder {dec}, text encoder fp32")
+                 f"{2 if guidance > 1 else 1}{' + 1 for STG' * bool(stg)}, U-Net {dtype}, VAE {vae_dtype}, "
+                 f"detail decoder {dec}, text encoder fp32")
     return dict(kind=kind, what=what, peak=track.peak, at_peak=track.at_peak, resident=resident,
                 phase=track.peak_phase, phases={k: v for k, v in track.phases.items() if k}, flops=track.flops,
                 trainable_params=sum(q.numel() for q in params.values()), seconds=time.time() - t0)

@@ -700,10 +700,11 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     frame 1 after decoding. Frames beyond `context` (default: the training length) use `long`: "phased" (default;
     arXiv 2405.17306 Sec. 3.4), "windows" (sliding windows, FreeNoise; the default with loop and in text-to-video)
     or "naive" (each segment restarts from the previous one's last frame); with frames <= context every mode is the
-    plain sampler. stg: Spatiotemporal Skip Guidance's scale (guided_eps). loop: LVMM's looping guidance with weight loop_weight, its gradient taken through DDIM's x0
-    formula ("x0") or also through the U-Net ("unet"). callback(i, t, latents) runs after every DDIM step on the
-    frames being denoised (the whole video, or one phased/naive segment); log(line) gets the time estimate after
-    the first U-Net call; timing, checks and the final latents land in pipe.info["last_run"]."""
+    plain sampler. stg: Spatiotemporal Skip Guidance's scale (guided_eps). loop: LVMM's looping guidance with weight
+    loop_weight, its gradient taken through DDIM's x0 formula ("x0") or also through the U-Net ("unet").
+    callback(i, t, latents) runs after every DDIM step on the frames being denoised (the whole video, or one
+    phased/naive segment); log(line) gets the time estimate after the first U-Net call; timing, checks and the final
+    latents land in pipe.info["last_run"]."""
     text_only, s = image is None, pipe.info.get("settings", {})
     if text_only and (adain not in (None, "off") or hist_match):
         raise ValueError(f"--{'hist-match' if hist_match else 'adain ' + str(adain)} aligns frames 2..N to the "
@@ -851,7 +852,8 @@ def plan_line(args, plan, videos):
     return (f"plan: {videos} video(s) of {args.frames} frames {args.height}x{args.width}"
             f"{' from text alone' * (not args.image)}: {plan.calls} U-Net calls of up to "
             f"{min(args.frames, plan.context)} frames "
-            f"each{how}, CFG batch of {2 if args.guidance > 1 else 1}{' + an STG call of 1' * bool(args.stg)}; the decoded frames take {frames_gib:.2g} GiB"
+            f"each{how}, CFG batch of {2 if args.guidance > 1 else 1}{' + 1 for STG' * bool(args.stg)}; the decoded "
+            f"frames take {frames_gib:.2g} GiB"
             f" (check memory first: python sample.py --estimate-memory ...)")
 
 
@@ -863,7 +865,8 @@ def sidecar(args, pipe, file, out, secs):
                 negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps, guidance=args.guidance,
                 seed=args.seed, height=args.height, width=args.width, fps=args.fps, adain=args.adain,
                 hist_match=args.hist_match, shared_noise=args.shared_noise, mixed_noise=args.mixed_noise,
-                shared_noise_mean=args.shared_noise_mean, stg=args.stg, long=last["long"], context_frames=last["context_frames"],
+                shared_noise_mean=args.shared_noise_mean, stg=args.stg, long=last["long"],
+                context_frames=last["context_frames"],
                 unet_calls=last["unet_calls"],
                 overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
                 loop_weight=args.loop_weight, loop_grad=args.loop_grad, loop_loss=last["loop_loss"],
@@ -922,7 +925,7 @@ def estimate_memory(args):
     e = memory.estimate("sample", frames=args.frames or s.get("frames", 16), height=args.height or s.get("height", 512),
                         width=args.width or s.get("width", 512), dtype="bf16" if args.dtype == "auto" else args.dtype,
                         vae_dtype=args.vae_dtype, guidance=args.guidance, detail=detail, context=args.context_frames,
-                        text_only=not args.image)
+                        text_only=not args.image, stg=args.stg)
     print(memory.report(e))
     return e
 

@@ -3144,6 +3144,9 @@ class TestMemory:
         sample = ["--estimate", "sample", "--size", "tiny", "--frames", "4", "--height", "64", "--width", "64"]
         e = B.main(sample)
         assert "CFG batch of 2" in e["what"] and e["phase"] in ("U-Net forward", "VAE decode") and e["flops"] > 0
+        stg = B.main(sample + ["--stg", "2"])  # STG's weak branch joins the CFG batch: 3 clips through the U-Net
+        assert "+ 1 for STG" in stg["what"] and stg["flops"] > e["flops"]
+        assert stg["phases"]["U-Net forward"] > e["phases"]["U-Net forward"]
         r = subprocess.run([sys.executable, str(HERE / "bench.py"), *sample[:-2], "--width", "60"], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.startswith("error: --width 60") and r.stderr.count("\n") == 1
