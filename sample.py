@@ -453,7 +453,7 @@ def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=A
 def guided_eps(unet, x, t, ctx, guidance, a_t, prediction_type, stg=0.0):
     """One U-Net call with classifier-free guidance (Ho & Salimans, Eq. 6), its branches in one batch:
     eps = eps_u + guidance (eps_c - eps_u); ctx = [negative; prompt] embeddings (guidance <= 1: [prompt] alone).
-    stg > 0: + stg (eps_c - eps_skip), Spatiotemporal Skip Guidance (arXiv 2411.18664, Eq. 6), its weak model the
+    stg > 0: + stg (eps_c - eps_skip), Spatiotemporal Skip Guidance (arXiv 2411.18664), its weak model the
     prompt's branch with every motion module passed through (a third branch in the same batch).
     a_t, prediction_type: a v-model's output becomes eps first (predicted_eps)."""
     n, cfg = len(x), guidance > 1
@@ -951,7 +951,7 @@ def get_parser():
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: off)")
     p.add_argument("--stg", type=float, default=0.0,
                    help="Spatiotemporal Skip Guidance scale (arXiv 2411.18664): away from the same U-Net with its "
-                        "motion modules skipped: steadier motion, one more U-Net call per step (default 0 = off; "
+                        "motion modules skipped: steadier motion, one more clip per U-Net call (default 0 = off; "
                         "measured on the demo's toy only: docs/demo.md)")
     p.add_argument("--seed", type=int, help="noise seed (default: random, written to the file name and JSON)")
     p.add_argument("--height", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")

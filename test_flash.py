@@ -1795,7 +1795,7 @@ class TestSample:
         hook.remove()
 
     def test_stg_is_the_papers_formula_with_an_identity_motion_module_as_weak_model(self):
-        # STG (arXiv 2411.18664, Eq. 6): eps_u + w_cfg (eps_c - eps_u) + w_stg (eps_c - eps_weak). The weak model is
+        # STG (arXiv 2411.18664): eps_u + w_cfg (eps_c - eps_u) + w_stg (eps_c - eps_weak). The weak model is
         # built independently here: a copy of the U-Net whose motion modules' proj_out are zero, so each returns its
         # input exactly (the residual); its eps must differ from the full U-Net's, or the test proves nothing.
         pipe = tiny_pipeline(3)
