@@ -506,8 +506,7 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
         shape, motion = caption.split(" ", 1)
         path = motion_path(motion, FRAMES, SIZE)
         v = animate(pipe, None, f"a {caption}", frames=FRAMES, height=SIZE, width=SIZE, seed=seed + i,
-                    steps=steps, guidance=SAMPLING["guidance"], stg=SAMPLING["stg"], adain="off", progress=False,
-                    **NOISE)
+                    progress=False, **NOISE, **{**SAMPLING, "steps": steps, "adain": "off"})
         t2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path)))
         look = dict(draw_look(g, dict(ALL, shapes=(shape,))))
         start = place(path, g)

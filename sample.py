@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -460,7 +460,7 @@ def guided_eps(unet, x, t, ctx, guidance, a_t, prediction_type, stg=0.0):
     x_in = torch.cat([x] * (1 + cfg + bool(stg)))
     ctx_in = torch.cat([ctx, ctx[-n:]]) if stg else ctx
     skip = torch.arange(len(x_in), device=x.device) >= len(x_in) - n if stg else None
-    with motion_skipped(unet, skip):
+    with motion_skipped(unet, skip) if stg else nullcontext():  # no per-call walk over the modules without STG
         eps = predicted_eps(unet(x_in, t, ctx_in).float(), x_in, a_t, prediction_type).split(n)
     eps_c = eps[int(cfg)]
     out = eps[0] + guidance * (eps_c - eps[0]) if cfg else eps_c
