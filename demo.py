@@ -66,9 +66,11 @@ VARIANTS = {  # Table 2 (Sec. 4.3) as train.py switches; #5 is the demo's model
     "#6": ("flash_decoder", "#5 + detail decoder (Sec. 3.3)", {}),  # #5's U-Net, then train.py --stage decoder
 }
 DECODER = dict(steps=300, steps_fast=2, lr=1e-3)  # #6's decoder stage
-# sampling: sample.py's defaults (FLASH A3.2) and Spatiotemporal Skip Guidance (arXiv 2411.18664; sample.py --stg,
-# off there) at scale 2: the per-frame wobble the motion modules leave unpooled is what it pushes against (docs/demo.md)
-SAMPLING = dict(steps=25, guidance=7.5, adain="lamp", stg=2.0)
+# sampling: sample.py's defaults (FLASH A3.2) and two training-free additions, both off in sample.py (docs/demo.md):
+# Spatiotemporal Skip Guidance (arXiv 2411.18664; --stg) at scale 2: the per-frame wobble the motion modules leave
+# unpooled is what it pushes against; FreeInit (arXiv 2312.07537; --freeinit 3 --freeinit-fast) at its defaults, 3
+# coarse-to-fine passes: where the arc lands is decided in the first steps, from the initial noise's low frequencies
+SAMPLING = dict(steps=25, guidance=7.5, adain="lamp", stg=2.0, freeinit=3, freeinit_fast=True)
 THREADS = 2  # idle 2-core CPU: two threads are fastest; one per process when two runs share the machine
 
 # ----------------------------------------------------------------------------- the toy world
@@ -498,7 +500,7 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
     from noise, cross-frame attention off) on every generic motion, shapes in turn, scored against the caption's path
     from the track's first point; (c) the base in FLASH's image-to-video sampler (clean first frame, cross-frame
     attention) from a fresh look placed where the path fits, same captions: stated, not required to pass. Both
-    sample as the demo does (SAMPLING, its STG included)."""
+    sample as the demo does (SAMPLING, its STG and FreeInit included)."""
     steps = steps or SAMPLING["steps"]
     captions = captions or [f"{SHAPES[i % len(SHAPES)]} {m}" for i, m in enumerate(MOTIONS)]
     g, t2v, i2v = torch.Generator().manual_seed(40_000 + seed), [], []
@@ -516,11 +518,12 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
         i2v.append(dict(caption=caption, **follow_scores(to_tensor(v), path, start)))
     mean = lambda rows: {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "caption"}
     r = dict(vae_psnr=vae_psnr(pipe.vae), t2v=mean(t2v), i2v=mean(i2v), t2v_rows=t2v, i2v_rows=i2v, steps=steps,
-             stg=SAMPLING["stg"])
+             stg=SAMPLING["stg"], freeinit=SAMPLING["freeinit"])
     r["passed"] = dict(vae_psnr=r["vae_psnr"] >= GATES["vae_psnr"], t2v_err=r["t2v"]["mean_err"] <= GATES["t2v_err"],
                        t2v_jitter=r["t2v"]["jitter"] <= GATES["t2v_jitter"],
                        t2v_bg_psnr=r["t2v"]["bg_psnr"] >= GATES["t2v_bg_psnr"])
-    log(f"gates (STG {r['stg']:g}): (a) VAE PSNR {r['vae_psnr']:.1f} dB (>= {GATES['vae_psnr']}); (b) text-to-video on "
+    log(f"gates (STG {r['stg']:g}, FreeInit {r['freeinit']} passes): (a) VAE PSNR {r['vae_psnr']:.1f} dB (>= "
+        f"{GATES['vae_psnr']}); (b) text-to-video on "
         f"{len(captions)} captions: mean err {r['t2v']['mean_err']:.2f} px (<= {GATES['t2v_err']}), jitter "
         f"{r['t2v']['jitter']:.2f} px (<= {GATES['t2v_jitter']}), background {r['t2v']['bg_psnr']:.1f} dB "
         f"(>= {GATES['t2v_bg_psnr']}); (c) image-to-video, before FLASH: mean err {r['i2v']['mean_err']:.2f} px, "
@@ -740,8 +743,8 @@ def check_gates(args, log):
     for k in ("t2v_rows", "i2v_rows"):
         r.pop(k)
     if built:
-        log(f"build.json recorded (STG {built.get('stg', 0):g}): VAE {built['vae_psnr']:.1f} dB, text-to-video "
-            f"{built['t2v']['mean_err']:.2f} px "
+        log(f"build.json recorded (STG {built.get('stg', 0):g}, FreeInit {built.get('freeinit', 1)}): VAE "
+            f"{built['vae_psnr']:.1f} dB, text-to-video {built['t2v']['mean_err']:.2f} px "
             f"/ jitter {built['t2v']['jitter']:.2f} px / {built['t2v']['bg_psnr']:.1f} dB, image-to-video "
             f"{built['i2v']['mean_err']:.2f} px; passed {built['passed']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -778,7 +781,8 @@ def main(argv=None):
         f"python sample.py --base {args.base} --motion-module {args.base}/motion_module.safetensors "
         f"--checkpoint {last}/flash --image {last}/reference.png --seed {seeds[-1]} --out {last}/cli_sample.mp4"
         + (" --shared-noise-mean" if SHARED_MEAN else "")  # as the demo sampled reference 0 (mixed noise: ckpt's)
-        + f" --stg {SAMPLING['stg']:g}")
+        + f" --stg {SAMPLING['stg']:g} --freeinit {SAMPLING['freeinit']}"
+        + " --freeinit-fast" * SAMPLING["freeinit_fast"])
     result = dict(report=reports[-1], reports=reports, table=table, diagnostic=diagnostic, pipe=pipe, out=last,
                   wall_s=wall)
     if args.long:
@@ -850,8 +854,8 @@ def measure_long(pipe, refs, starts, out, frames=64, steps=None, seed=0):
     for i in tqdm(range(len(refs)), desc="long videos"):
         for j, (name, kw) in enumerate(runs):
             t0 = time.time()
-            v = animate(pipe, refs[i], PROMPT, height=SIZE, width=SIZE, seed=seed + i, progress=False,
-                        **NOISE, **{**SAMPLING, "steps": steps, **kw})
+            v = animate(pipe, refs[i], PROMPT, height=SIZE, width=SIZE, seed=seed + i, progress=False,  # FreeInit
+                        **NOISE, **{**SAMPLING, "steps": steps, "freeinit": 1, **kw})  # re-samples one window only
             secs = time.time() - t0
             if i == 0:  # the first reference's videos, numbered as the table's rows
                 write_video(v, out / f"ref0_row{j}.gif", FPS)

@@ -173,10 +173,42 @@ def loop_loss(x0):
     first, last = x0[:, :, 0], x0[:, :, -1]
     return (last - first).abs().sum() + ((last - x0[:, :, -2]) - (x0[:, :, 1] - first)).abs().sum()
 
+# ----------------------------------------------------------------------------- FreeInit
+# FreeInit (Wu et al., arXiv 2312.07537): sample; diffuse the result back to t = T with the first pass's noise; keep
+# its low spatio-temporal frequencies and take the high ones from fresh noise; sample again. Training noises clips to
+# t = T keeping sqrt(a_T) = 0.04 of the signal, so a video model learnt to expect coherent low frequencies in its
+# initial noise, which independent noise lacks (the paper's training-inference gap). Its defaults (the authors'
+# configs, diffusers' enable_free_init): a 3D Butterworth filter of order 4 with normalised stop frequency 0.25 in
+# space and in time; coarse-to-fine ("fast"): pass k of N takes int(T k / N) DDIM steps.
+FREEINIT_ORDER = 4
+FREEINIT_DS, FREEINIT_DT = 0.25, 0.25  # spatial and temporal stop frequency (d_s, d_t)
+
+
+def freeinit_filter(shape, ds=FREEINIT_DS, dt=FREEINIT_DT, order=FREEINIT_ORDER):
+    """FreeInit's low-pass over (frames, h, w), in torch.fft's frequency order: 1 / (1 + (d^2 / ds^2)^order),
+    d^2 = ((ds / dt) f_t)^2 + f_h^2 + f_w^2, every frequency normalised to [-1, 1)."""
+    f, h, w = (torch.fft.fftfreq(n) * 2 for n in shape)
+    d2 = ((ds / dt) * f)[:, None, None] ** 2 + h[:, None] ** 2 + w ** 2
+    return 1 / (1 + (d2 / ds ** 2) ** order)
+
+
+def freeinit_noise(x, noise, fresh, a_T):
+    """FreeInit's noise reinitialisation of (B,C,F,h,w) latents: z_T = sqrt(a_T) x + sqrt(1 - a_T) noise (x diffused
+    to t = T with the first pass's noise), its low frequencies + the high frequencies of fresh noise."""
+    lowpass, dims = freeinit_filter(x.shape[2:]).to(x.device), (-3, -2, -1)
+    z_T = a_T.sqrt() * x + (1 - a_T).sqrt() * noise
+    mixed = torch.fft.fftn(z_T, dim=dims) * lowpass + torch.fft.fftn(fresh, dim=dims) * (1 - lowpass)
+    return torch.fft.ifftn(mixed, dim=dims).real
+
+
+def freeinit_steps(steps, passes, fast=False):
+    """DDIM steps of each FreeInit pass: `steps` every pass, or coarse-to-fine int(steps k / passes), k = 1..passes"""
+    return [max(1, int(steps / passes * k)) if fast else steps for k in range(1, passes + 1)]
+
 
 def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=None, overlap=OVERLAP,
                    gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False, loop_weight=LOOP_WEIGHT, loop_grad="x0",
-                   mixed_noise=0.0, stg=0.0):
+                   mixed_noise=0.0, stg=0.0, freeinit=1):
     """animate()'s and the CLI's rules for the sampling settings (frames None: not known yet)."""
     if frames is not None and frames < 2:
         raise ValueError(f"--frames {frames}: want at least 2 (frame 1 is the reference image)")
@@ -188,6 +220,9 @@ def check_sampling(frames=None, steps=25, shared_noise=0.0, adain=ADAIN, long=No
         raise ValueError(f"--mixed-noise {mixed_noise}: want 0 <= share < 1 (0 = independent frames)")
     if not 0 <= stg < math.inf:
         raise ValueError(f"--stg {stg}: want a finite scale >= 0 (0 = off)")
+    if not (isinstance(freeinit, int) and freeinit >= 1):
+        raise ValueError(f"--freeinit {freeinit}: want a whole number of sampling passes >= 1 (1 = off; FreeInit "
+                         f"uses 3)")
     for name, v, ok in (("adain", adain, ADAIN_MODES), ("long", long, LONG_MODES + (None,)),
                         ("loop-grad", loop_grad, ("x0", "unet"))):
         if v not in ok:
@@ -404,6 +439,9 @@ class Run:
     adain: str = "off"
     shared_noise: float = 0.0
     stg: float = 0.0  # Spatiotemporal Skip Guidance's scale (guided_eps); 0 = off
+    freeinit: int = 1  # FreeInit's sampling passes (sample_freeinit); 1 = off
+    freeinit_fast: bool = False  # coarse-to-fine: pass k of N takes int(steps k / N) DDIM steps
+    noise_prior: tuple = (0.0, False)  # video_noise's (mixed, shared_mean): FreeInit's fresh noise follows it
     overlap: int = OVERLAP
     omega: float = PHASED_OMEGA
     loop: bool = False
@@ -424,10 +462,14 @@ class Run:
 
 
 def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=ADAIN, long=None, context=None,
-                  overlap=OVERLAP, gamma=PHASED_GAMMA, loop=False, loop_grad="x0", **settings):
+                  overlap=OVERLAP, gamma=PHASED_GAMMA, loop=False, loop_grad="x0", freeinit=1, freeinit_fast=False,
+                  **settings):
     """Check the settings and lay out the run: its mode, U-Net calls, windows or segments (no weights touched)."""
     L = context_frames(pipe, context)
     mode = "plain" if frames <= L else long or ("windows" if loop or text_only else "phased")
+    if freeinit > 1 and mode != "plain":
+        raise ValueError(f"--freeinit re-samples one clip of up to {L} frames (the U-Net's context); {frames} frames "
+                         f"need --long {mode}: drop --freeinit, or ask for --frames {L} or fewer")
     if text_only and mode in ("naive", "phased"):
         raise ValueError(f"--long {mode} restarts every segment from a clean frame: text-to-video has none (no "
                          f"--image); use --long windows")
@@ -444,10 +486,10 @@ def sampling_plan(pipe, frames, steps=25, guidance=7.5, text_only=False, adain=A
     M = min(math.ceil(round(gamma * steps, 6)), steps - 1)  # Eq. 9: M = ceil(gamma T) shared ("contour") steps
     segments = [(a, min(a + L - 1, frames)) for a in range(1, frames, L - 1)]  # video frames of each segment
     windows = context_windows(frames - f0, L - f0, overlap) if mode == "windows" else []  # frames f0..N per window
-    calls = dict(plain=steps, windows=steps * len(windows), naive=steps * len(segments),
-                 phased=steps + (len(segments) - 1) * (steps - M))[mode]
+    calls = dict(plain=sum(freeinit_steps(steps, freeinit, freeinit_fast)), windows=steps * len(windows),
+                 naive=steps * len(segments), phased=steps + (len(segments) - 1) * (steps - M))[mode]
     return Run(pipe, frames, steps, guidance, mode, L, f0, calls, windows, segments, M, adain, overlap=overlap,
-               loop=loop, loop_grad=loop_grad, **settings)
+               loop=loop, loop_grad=loop_grad, freeinit=freeinit, freeinit_fast=freeinit_fast, **settings)
 
 
 def guided_eps(unet, x, t, ctx, guidance, a_t, prediction_type, stg=0.0):
@@ -623,6 +665,28 @@ def sample_phased(run, noise):
     return run.done
 
 
+def set_steps(run, steps):
+    """run's DDIM schedule for `steps` steps: its timesteps and their stride"""
+    run.steps, run.ts, run.dt = steps, ddim_timesteps(steps).tolist(), TRAIN_STEPS // steps
+
+
+def sample_freeinit(run, noise):
+    """FreeInit (freeinit_noise) over the plain sampler: pass 1 from `noise`; every later pass from the previous
+    pass's frames, re-noised with pass 1's noise and fresh noise of the run's prior. Frame 1 of an image-to-video run
+    stays E(I). Coarse-to-fine: each pass takes its own number of DDIM steps (freeinit_steps)."""
+    f0, steps, video_frames = run.f0, run.steps, list(range(run.f0, run.frames))
+    n0, a_T, x = start(run, run.z0, noise), run.acp[TRAIN_STEPS - 1], None
+    for k in freeinit_steps(steps, run.freeinit, run.freeinit_fast):
+        set_steps(run, k)
+        z = n0.clone()
+        if x is not None:  # FreeInit's noise reinitialisation
+            fresh = video_noise(noise.shape, run.g, *run.noise_prior).to(x.device)
+            z[:, :, f0:] = freeinit_noise(x[:, :, f0:], n0[:, :, f0:], fresh[:, :, f0:], a_T)
+        x = denoise(run, z, video_frames)[0]
+    set_steps(run, steps)
+    return x
+
+
 MODES = dict(plain=sample_plain, windows=sample_plain, naive=sample_naive, phased=sample_phased)
 
 
@@ -669,7 +733,8 @@ def encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise
         run.z0 = vae.encode(img).float()[:, :, None]  # 1 4 1 h w: E(I), the posterior mean
         run.done[:, :, :1] = run.z0
     run.g = torch.Generator().manual_seed(seed)
-    run.acp, run.ts, run.dt = alphas_cumprod().to(dev), ddim_timesteps(run.steps).tolist(), TRAIN_STEPS // run.steps
+    run.acp, run.noise_prior = alphas_cumprod().to(dev), (mixed_noise, shared_mean)
+    set_steps(run, run.steps)
     return img, video_noise(shape, run.g, mixed_noise, shared_mean)  # the plain sampler's draw in every mode
 
 
@@ -692,7 +757,7 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
             width=None, adain=None, shared_noise=0.0, detail=True, progress=True, callback=None, long=None,
             context=None, overlap=OVERLAP, gamma=PHASED_GAMMA, omega=PHASED_OMEGA, loop=False,
             loop_weight=LOOP_WEIGHT, loop_grad="x0", hist_match=False, mixed_noise=0.0, shared_mean=False, stg=0.0,
-            log=None):
+            freeinit=1, freeinit_fast=False, log=None):
     """image (path, PIL image, or (3,H,W) tensor in [-1,1]) -> uint8 frames (F,H,W,3) whose frame 0 is the image.
     image None: AnimateDiff's own text-to-video (every frame from noise, cross-frame attention off, no AdaIN).
     adain: "post" (AdaIN of frames 2..N to frame 1 after denoising, the FLASH paper's text), "lamp" (LAMP's in-loop
@@ -700,7 +765,8 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     frame 1 after decoding. Frames beyond `context` (default: the training length) use `long`: "phased" (default;
     arXiv 2405.17306 Sec. 3.4), "windows" (sliding windows, FreeNoise; the default with loop and in text-to-video)
     or "naive" (each segment restarts from the previous one's last frame); with frames <= context every mode is the
-    plain sampler. stg: Spatiotemporal Skip Guidance's scale (guided_eps). loop: LVMM's looping guidance with weight
+    plain sampler. stg: Spatiotemporal Skip Guidance's scale (guided_eps). freeinit: FreeInit's sampling passes
+    (sample_freeinit; 1 = off), coarse-to-fine with freeinit_fast. loop: LVMM's looping guidance with weight
     loop_weight, its gradient taken through DDIM's x0 formula ("x0") or also through the U-Net ("unet").
     callback(i, t, latents) runs after every DDIM step on the frames being denoised (the whole video, or one
     phased/naive segment); log(line) gets the time estimate after the first U-Net call; timing, checks and the final
@@ -713,16 +779,16 @@ def animate(pipe, image, prompt, negative_prompt="", frames=16, steps=25, guidan
     height, width = height or s.get("height", 512), width or s.get("width", 512)
     check_size(height, width)  # validate
     check_sampling(frames, steps, shared_noise, adain, long, overlap, gamma, omega, loop, loop_weight, loop_grad,
-                   mixed_noise, stg)
+                   mixed_noise, stg, freeinit)
     run = sampling_plan(pipe, frames, steps, guidance, text_only, adain, long, context, overlap, gamma, loop,
-                        loop_grad, shared_noise=shared_noise, omega=omega, loop_weight=loop_weight,
-                        callback=callback, log=log, stg=stg)
+                        loop_grad, freeinit, freeinit_fast, shared_noise=shared_noise, omega=omega,
+                        loop_weight=loop_weight, callback=callback, log=log, stg=stg)
     img, noise = encode(run, image, prompt, negative_prompt, height, width, seed, mixed_noise, shared_mean)  # encode
     run.bar = iter(tqdm(range(run.calls), desc="DDIM" if run.mode == "plain" else f"DDIM {run.mode} (U-Net calls)",
                         disable=not progress))
     run.t0 = time.time()
     with cross_frame_attention(pipe.unet, on=not text_only):
-        x = MODES[run.mode](run, noise)  # dispatch
+        x = (sample_freeinit if run.freeinit > 1 else MODES[run.mode])(run, noise)  # dispatch
     if adain != "off":  # post-processing (FLASH A3.2, "following LAMP"): every later frame takes frame 1's statistics
         x[:, :, 1:] = adaptive_instance_norm(x[:, :, 1:], x[:, :, :1])
     for _ in run.bar:  # closes the progress bar (every call is counted already)
@@ -794,7 +860,8 @@ def check_args(args):
         raise ValueError(f"--long {args.long} restarts every segment from a clean frame: text-to-video has none (no "
                          f"--image); use --long windows")
     check_sampling(args.frames, args.steps, args.shared_noise, args.adain or ADAIN, args.long, args.overlap,
-                   args.gamma, args.omega, args.loop, args.loop_weight, args.loop_grad, stg=args.stg)
+                   args.gamma, args.omega, args.loop, args.loop_weight, args.loop_grad, stg=args.stg,
+                   freeinit=args.freeinit)
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: want a finite scale (FLASH uses 7.5; <= 1 turns CFG off)")
     if args.fps is not None and not args.fps > 0:
@@ -848,6 +915,7 @@ def resolve_args(args):
 def plan_line(args, plan, videos):
     """What the run will do, before it starts: U-Net calls (the time: unet_call times the first one) and memory."""
     how = "" if plan.mode == "plain" else f" ({plan.mode})"
+    how += f" over {plan.freeinit} FreeInit passes" if plan.freeinit > 1 else ""
     frames_gib = args.frames * 3 * args.height * args.width * 5 / 2**30  # fp32 on the device + uint8 on the host
     return (f"plan: {videos} video(s) of {args.frames} frames {args.height}x{args.width}"
             f"{' from text alone' * (not args.image)}: {plan.calls} U-Net calls of up to "
@@ -865,7 +933,8 @@ def sidecar(args, pipe, file, out, secs):
                 negative_prompt=args.negative_prompt, frames=args.frames, steps=args.steps, guidance=args.guidance,
                 seed=args.seed, height=args.height, width=args.width, fps=args.fps, adain=args.adain,
                 hist_match=args.hist_match, shared_noise=args.shared_noise, mixed_noise=args.mixed_noise,
-                shared_noise_mean=args.shared_noise_mean, stg=args.stg, long=last["long"],
+                shared_noise_mean=args.shared_noise_mean, stg=args.stg, freeinit=args.freeinit,
+                freeinit_fast=args.freeinit_fast, long=last["long"],
                 context_frames=last["context_frames"],
                 unet_calls=last["unet_calls"],
                 overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
@@ -893,9 +962,11 @@ def run(args):
     kw = dict(adain=args.adain, shared_noise=args.shared_noise, detail=not args.no_detail, long=args.long,
               context=args.context_frames, overlap=args.overlap, gamma=args.gamma, omega=args.omega, loop=args.loop,
               loop_weight=args.loop_weight, loop_grad=args.loop_grad, hist_match=args.hist_match,
-              mixed_noise=args.mixed_noise, shared_mean=args.shared_noise_mean, stg=args.stg)
+              mixed_noise=args.mixed_noise, shared_mean=args.shared_noise_mean, stg=args.stg,
+              freeinit=args.freeinit, freeinit_fast=args.freeinit_fast)
     plan = sampling_plan(pipe, args.frames, args.steps, args.guidance, not args.image, args.adain, args.long,
-                         args.context_frames, args.overlap, args.gamma, args.loop, args.loop_grad)
+                         args.context_frames, args.overlap, args.gamma, args.loop, args.loop_grad, args.freeinit,
+                         args.freeinit_fast)
     print(plan_line(args, plan, len(files)), flush=True)
     for i, (file, image, out) in enumerate(zip(files, images, outs)):
         if pipe.device.type == "cuda":
@@ -953,6 +1024,13 @@ def get_parser():
                    help="Spatiotemporal Skip Guidance scale (arXiv 2411.18664): away from the same U-Net with its "
                         "motion modules skipped: steadier motion, one more clip per U-Net call (default 0 = off; "
                         "measured on the demo's toy only: docs/demo.md)")
+    p.add_argument("--freeinit", type=int, default=1, metavar="N",
+                   help="FreeInit (arXiv 2312.07537): sample N times, each pass from the last one's low "
+                        "spatio-temporal frequencies + fresh noise: more coherent motion, N times the U-Net calls "
+                        "(default 1 = off; FreeInit uses 3; measured on the demo's toy only: docs/demo.md)")
+    p.add_argument("--freeinit-fast", action="store_true",
+                   help="FreeInit's coarse-to-fine sampling: pass k of N takes steps k / N DDIM steps (3 passes of "
+                        "25: 8 + 16 + 25 calls)")
     p.add_argument("--seed", type=int, help="noise seed (default: random, written to the file name and JSON)")
     p.add_argument("--height", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")
     p.add_argument("--width", type=int, help="multiple of 8 (default: the checkpoint's, else 512)")

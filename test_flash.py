@@ -2103,6 +2103,52 @@ class TestSample:
             results[kind] = ours.clone()
         assert rel_err(results["epsilon"], results["v_prediction"]) > 0.05  # the switch is not a no-op
 
+    def test_freeinit_matches_animatediff_pipeline_free_init(self, written):
+        """FreeInit (arXiv 2312.07537) in text-to-video is diffusers' AnimateDiffPipeline with enable_free_init on the
+        same weights: its Butterworth filter, the re-noising to t = 999 with pass 1's noise, fresh draws from the same
+        generator, full passes and coarse-to-fine (passes of 1, 2 and 4 of 4 steps). The filter is Butterworth's
+        (one half at the stop frequency) and even in every frequency, so the mixed spectrum of real latents stays
+        Hermitian: the imaginary part ifftn leaves is rounding only, at odd sizes too (image-to-video's 15 frames)."""
+        diffusers = pytest.importorskip("diffusers")
+        d, unet2d, adapter = written
+        unet = M.load_unet(d / "sd", d / "adapter").eval()
+        te = randomize_(CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), 3)
+        pipe = S.Pipeline(unet, randomize_(VAE(VAEConfig(**VAE_TINY)), 4), te, Tokenizer(*byte_vocab()),
+                          torch.device("cpu"), torch.float32)
+        dp = diffusers.AnimateDiffPipeline(
+            vae=df_vae(), text_encoder=None, tokenizer=None, unet=motion_oracle(unet2d, adapter),
+            motion_adapter=adapter, scheduler=diffusers.DDIMScheduler(
+                beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False))
+        dp.set_progress_bar_config(disable=True)
+        ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
+        kw = dict(frames=6, steps=4, guidance=7.5, seed=5, height=64, width=96)  # even sizes: diffusers' grid
+        for passes, fast, calls in ((2, False, 8), (3, True, 1 + 2 + 4)):
+            S.animate(pipe, None, "a person waving", "blurry", progress=False, freeinit=passes, freeinit_fast=fast,
+                      **kw)
+            ours, last = pipe.info["last_run"]["latents"], pipe.info["last_run"]
+            assert last["unet_calls"] == calls and last["long"] == "plain"
+            g = gen(kw["seed"])
+            noise = torch.randn((1, 4, 6, 8, 12), generator=g)  # pass 1's draw; g goes on to the fresh draws
+            dp.enable_free_init(num_iters=passes, use_fast_sampling=fast)
+            with torch.no_grad():
+                want = dp(prompt_embeds=ctx[1:], negative_prompt_embeds=ctx[:1], num_frames=6, height=64, width=96,
+                          num_inference_steps=4, guidance_scale=7.5, latents=noise, generator=g,
+                          output_type="latent").frames
+            assert rel_err(ours, want) <= 1e-4, (passes, fast, rel_err(ours, want))
+            dp.disable_free_init()
+            plain = dp(prompt_embeds=ctx[1:], negative_prompt_embeds=ctx[:1], num_frames=6, height=64, width=96,
+                       num_inference_steps=4, guidance_scale=7.5, latents=noise, output_type="latent").frames
+            assert rel_err(ours, plain) > 0.05  # FreeInit changed the result
+        lowpass = S.freeinit_filter((15, 16, 16))
+        assert lowpass[0, 0, 0] == 1 and abs(lowpass[0, 2, 0] - 0.5) < 1e-6  # f_h = 2 * 2 / 16 = 0.25: half power
+        assert abs(lowpass[0, 0, 2] - 0.5) < 1e-6 and abs(lowpass[2, 0, 0] - 1 / (1 + (16 / 15) ** 8)) < 1e-6  # f_t 4/15
+        for f in (15, 16):
+            x, n, fresh = (torch.randn(1, 4, f, 16, 16, generator=gen(i)) for i in range(3))
+            mixed = torch.fft.fftn(x, dim=(-3, -2, -1)) * S.freeinit_filter((f, 16, 16))
+            assert torch.fft.ifftn(mixed, dim=(-3, -2, -1)).imag.abs().max() < 1e-5
+            z = S.freeinit_noise(x, n, fresh, torch.tensor(0.0016))
+            assert z.shape == x.shape and z.dtype == torch.float32
+
     def test_non_finite_sampling_names_its_cause(self, monkeypatch):
         """A NaN/inf in the sampler stops it with one ValueError naming the setting (the loop weight, else the
         dtype, else the weights) instead of decoding a black video; loop weights outside 0..10 are refused."""
@@ -2146,7 +2192,8 @@ class TestSample:
     def test_cli_text_to_video_plan_line_and_rough_edges(self, sd, tmp_path):
         common = ["--base", sd, "--motion-module", sd / "motion_module.safetensors", "--prompt", "wave", "--height", H,
                   "--width", W, "--steps", 2, "--device", "cpu", "--seed", 1]
-        procs = {"t2v": cli(*common, "--frames", 6, "--shared-noise-mean", "--out", tmp_path / "t.mp4"),
+        procs = {"t2v": cli(*common, "--frames", 6, "--shared-noise-mean", "--freeinit", 2, "--freeinit-fast",
+                            "--out", tmp_path / "t.mp4"),
                  "loop": cli(*common, "--image", sd / "ref.png", "--loop", "--loop-weight", "1e30",
                              "--out", tmp_path / "l.mp4"),
                  "naive": cli(*common, "--frames", 40, "--long", "naive", "--out", tmp_path / "n.mp4"),
@@ -2154,11 +2201,14 @@ class TestSample:
         res = {k: p.communicate(timeout=180) for k, p in procs.items()}
         assert procs["t2v"].returncode == 0, res["t2v"][1]
         out = res["t2v"][0]  # before the run: its U-Net calls; after the first call: the time it will take
-        assert "plan: 1 video(s) of 6 frames 64x96 from text alone: 2 U-Net calls" in out
-        assert re.search(r"2 U-Net calls of up to 6 frames; the first took [0-9.]+ s: about [0-9.e+-]+ s in all", out)
+        # FreeInit, coarse-to-fine: passes of 1 and 2 of the 2 steps
+        assert "plan: 1 video(s) of 6 frames 64x96 from text alone: 3 U-Net calls of up to 6 frames each over 2 " \
+               "FreeInit passes" in out
+        assert re.search(r"3 U-Net calls of up to 6 frames; the first took [0-9.]+ s: about [0-9.e+-]+ s in all", out)
         meta = json.loads((tmp_path / "t.json").read_text())
         assert meta["image"] is None and meta["mode"] == "text-to-video" and meta["adain"] == "off"
         assert meta["shared_noise_mean"] is True and meta["mixed_noise"] == 0.0
+        assert meta["freeinit"] == 2 and meta["freeinit_fast"] is True and meta["unet_calls"] == 3
         assert (tmp_path / "t.mp4").stat().st_size > 0
         for k, match in (("loop", "--loop-weight 1e+30: want 0 to 10"), ("naive", "--long naive restarts"),
                          ("adain", "--adain lamp aligns")):
@@ -2662,6 +2712,8 @@ class TestBadInput:
                  ("empty_image_folder", set_flag(base, "--image", d / "empty"), "no images"),
                  ("nan_guidance", set_flag(base, "--guidance", "nan"), "--guidance nan"),
                  ("negative_stg", set_flag(base, "--stg", -1), "--stg -1"),
+                 ("zero_freeinit", set_flag(base, "--freeinit", 0), "--freeinit 0"),
+                 ("freeinit_long", set_flag(base, "--frames", 40) + ["--freeinit", 3], "--freeinit re-samples one"),
                  ("zero_fps", set_flag(base, "--fps", 0), "--fps"),
                  ("base_cut", set_flag(base, "--base", d / "sd_cut"), "truncated or corrupt"),
                  ("no_weights", set_flag(base, "--base", d / "empty"), "empty"),
