@@ -2148,6 +2148,14 @@ class TestSample:
             assert torch.fft.ifftn(mixed, dim=(-3, -2, -1)).imag.abs().max() < 1e-5
             z = S.freeinit_noise(x, n, fresh, torch.tensor(0.0016))
             assert z.shape == x.shape and z.dtype == torch.float32
+        tiny = tiny_pipeline(seed=1)  # image-to-video: every pass keeps frame 1 = E(I); 16 frames -> 15 re-noised
+        image = torch.rand(3, 32, 32, generator=gen(0)) * 2 - 1
+        kw = dict(frames=16, steps=3, height=32, width=32, progress=False, adain="off", seed=2)
+        plain = S.animate(tiny, image, "wave", **kw)
+        again = S.animate(tiny, image, "wave", freeinit=2, **kw)
+        lat = tiny.info["last_run"]["latents"]
+        assert torch.equal(lat[:, :, :1], tiny.vae.encode(image[None]).float()[:, :, None])
+        assert tiny.info["last_run"]["unet_calls"] == 6 and np.abs(again[1:].astype(float) - plain[1:]).mean() > 1
 
     def test_non_finite_sampling_names_its_cause(self, monkeypatch):
         """A NaN/inf in the sampler stops it with one ValueError naming the setting (the loop weight, else the
