@@ -672,8 +672,9 @@ def set_steps(run, steps):
 
 def sample_freeinit(run, noise):
     """FreeInit (freeinit_noise) over the plain sampler: pass 1 from `noise`; every later pass from the previous
-    pass's frames, re-noised with pass 1's noise and fresh noise of the run's prior. Frame 1 of an image-to-video run
-    stays E(I). Coarse-to-fine: each pass takes its own number of DDIM steps (freeinit_steps)."""
+    pass's frames, re-noised with pass 1's noise and fresh noise of the run's prior (video_noise; LAMP's shared noise
+    is in pass 1's only). Frame 1 of an image-to-video run stays E(I). Coarse-to-fine: each pass takes its own number
+    of DDIM steps (freeinit_steps)."""
     f0, steps, video_frames = run.f0, run.steps, list(range(run.f0, run.frames))
     n0, a_T, x = start(run, run.z0, noise), run.acp[TRAIN_STEPS - 1], None
     for k in freeinit_steps(steps, run.freeinit, run.freeinit_fast):
