@@ -228,6 +228,22 @@ DF_TINY = dict(VAE_TINY, down_block_types=("DownEncoderBlock2D",) * 4, up_block_
                sample_size=64)
 
 
+def t2v_pair(diffusers, written):
+    """Our pipeline and diffusers' AnimateDiffPipeline (its DDIM scheduler as AnimateDiff's configs set it) on the same
+    U-Net + motion-module files, and the prompt embeddings both take -> (pipe, dp, ctx, our U-Net)"""
+    d, unet2d, adapter = written
+    unet = M.load_unet(d / "sd", d / "adapter").eval()
+    te = randomize_(CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), 3)
+    pipe = S.Pipeline(unet, randomize_(VAE(VAEConfig(**VAE_TINY)), 4), te, Tokenizer(*byte_vocab()),
+                      torch.device("cpu"), torch.float32)
+    dp = diffusers.AnimateDiffPipeline(
+        vae=df_vae(), text_encoder=None, tokenizer=None, unet=motion_oracle(unet2d, adapter),
+        motion_adapter=adapter, scheduler=diffusers.DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False))
+    dp.set_progress_bar_config(disable=True)
+    return pipe, dp, S.encode_prompt(pipe, ["blurry", "a person waving"]), unet
+
+
 def df_vae(seed=0):
     from diffusers import AutoencoderKL
     return randomize_(AutoencoderKL(**DF_TINY), seed)
@@ -2070,18 +2086,8 @@ class TestSample:
         AnimateDiff's configs set it, CFG 7.5) on the same U-Net + motion-module files, the same initial latents and
         prompt embeddings, gives the same final latents; FLASH's cross-frame attention is off for the run only."""
         diffusers = pytest.importorskip("diffusers")
-        d, unet2d, adapter = written
-        unet = M.load_unet(d / "sd", d / "adapter").eval()
+        pipe, dp, ctx, unet = t2v_pair(diffusers, written)
         assert unet.config.cross_frame
-        te = randomize_(CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), 3)
-        pipe = S.Pipeline(unet, randomize_(VAE(VAEConfig(**VAE_TINY)), 4), te, Tokenizer(*byte_vocab()),
-                          torch.device("cpu"), torch.float32)
-        dp = diffusers.AnimateDiffPipeline(
-            vae=df_vae(), text_encoder=None, tokenizer=None, unet=motion_oracle(unet2d, adapter),
-            motion_adapter=adapter, scheduler=diffusers.DDIMScheduler(
-                beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False))
-        dp.set_progress_bar_config(disable=True)
-        ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
         kw = dict(frames=5, steps=4, guidance=7.5, seed=3, height=64, width=96)
         # PYoCo's mixed prior (the same draw over every frame: none is a reference); a v-prediction base (SD-2.x's kind)
         results = {}
@@ -2110,17 +2116,7 @@ class TestSample:
         (one half at the stop frequency) and even in every frequency, so the mixed spectrum of real latents stays
         Hermitian: the imaginary part ifftn leaves is rounding only, at odd sizes too (image-to-video's 15 frames)."""
         diffusers = pytest.importorskip("diffusers")
-        d, unet2d, adapter = written
-        unet = M.load_unet(d / "sd", d / "adapter").eval()
-        te = randomize_(CLIPTextModel(CLIPTextConfig(**CLIP_TINY)), 3)
-        pipe = S.Pipeline(unet, randomize_(VAE(VAEConfig(**VAE_TINY)), 4), te, Tokenizer(*byte_vocab()),
-                          torch.device("cpu"), torch.float32)
-        dp = diffusers.AnimateDiffPipeline(
-            vae=df_vae(), text_encoder=None, tokenizer=None, unet=motion_oracle(unet2d, adapter),
-            motion_adapter=adapter, scheduler=diffusers.DDIMScheduler(
-                beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1, clip_sample=False))
-        dp.set_progress_bar_config(disable=True)
-        ctx = S.encode_prompt(pipe, ["blurry", "a person waving"])
+        pipe, dp, ctx, _ = t2v_pair(diffusers, written)
         kw = dict(frames=6, steps=4, guidance=7.5, seed=5, height=64, width=96)  # even sizes: diffusers' grid
         for passes, fast, calls in ((2, False, 8), (3, True, 1 + 2 + 4)):
             S.animate(pipe, None, "a person waving", "blurry", progress=False, freeinit=passes, freeinit_fast=fast,
