@@ -2905,7 +2905,7 @@ class TestDemo:
         assert sum(p.stat().st_size for p in demo.BASE.rglob("*")) <= 20 * 2**20
         for stage, (first, last) in build["losses"].items():
             assert last < first, stage
-        assert build["mixed_noise"] == demo.MIXED_NOISE  # the prior the demo trains and samples with
+        assert build["mixed_noise"] == demo.MIXED_NOISE  # the prior the demo trains with (it samples with SAMPLE_SHARE)
         assert build["shared_noise_mean"] == demo.SHARED_MEAN and build["loss_weight"] == "max(1, 1/SNR)"
         assert build.get("prediction_type", "epsilon") == demo.PREDICTION  # rebuild 5 predates the key (epsilon)
         assert set(build["gates"]["passed"]) == set(demo.GATES) and len(build["gate_rows"]["t2v"]) == len(demo.MOTIONS)
@@ -2987,6 +2987,10 @@ class TestDemo:
         for mode in ("t2v", "i2v"):
             assert {"mean_err", "end_err", "jitter", "bg_psnr"} <= set(r[mode]) and np.isfinite(r[mode]["mean_err"])
         assert set(r["passed"]) == set(demo.GATES)
+        build = json.loads((demo.BASE / "build.json").read_text())
+        assert r["t2v_noise"]["mixed_noise"] == build["mixed_noise"]  # gate (b): the prior the base was trained with
+        assert r["i2v_noise"] == saved["measured"]["i2v_noise"] == {"mixed_noise": demo.SAMPLE_SHARE,
+                                                                    "shared_mean": demo.SHARED_MEAN}
         # the gates' scorer on ground truth: a rendered generic clip follows its caption exactly, its background stays
         clips, captions = demo.make_generic_clips(3, seed=9)
         for clip, caption in zip(clips, captions):
