@@ -53,7 +53,7 @@ I2V_FRACTION = 0.5  # video stage: share of batches in FLASH's image-to-video la
 SHARED_MEAN = True  # sampling: every frame's initial noise has frame 1's spatial mean (sample.video_noise)
 SAMPLE_SHARE = 0.9  # sampling: share of the initial noise common to all frames (sample.py --mixed-noise), above
 # the 0.5 the base and FLASH train with: the jitter follows each frame's own part, and with FreeInit the larger share
-# no longer costs actions performed (docs/demo.md, section 2)
+# costs one action performed in 30 over five seeds, not three (docs/demo.md, section 2)
 NOISE = dict(mixed_noise=SAMPLE_SHARE, shared_mean=SHARED_MEAN)  # how every demo video draws its initial noise
 T2V_NOISE = dict(NOISE, mixed_noise=MIXED_NOISE)  # gate (b): text-to-video has no frame 1 to anchor a clip, so
 # the base samples it with its own prior (at 0.9 its clips score 38 px; docs/demo.md)
