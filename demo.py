@@ -527,8 +527,8 @@ def measure_base(pipe, steps=None, seed=0, captions=None, log=print):
     r["passed"] = dict(vae_psnr=r["vae_psnr"] >= GATES["vae_psnr"], t2v_err=r["t2v"]["mean_err"] <= GATES["t2v_err"],
                        t2v_jitter=r["t2v"]["jitter"] <= GATES["t2v_jitter"],
                        t2v_bg_psnr=r["t2v"]["bg_psnr"] >= GATES["t2v_bg_psnr"])
-    log(f"gates (STG {r['stg']:g}, FreeInit {r['freeinit']} passes, noise share {T2V_NOISE['mixed_noise']:g} in "
-        f"text-to-video, {NOISE['mixed_noise']:g} in image-to-video): (a) VAE PSNR {r['vae_psnr']:.1f} dB (>= "
+    log(f"gates (STG {r['stg']:g}, FreeInit {r['freeinit']} passes, noise share {r['t2v_noise']['mixed_noise']:g} in "
+        f"text-to-video, {r['i2v_noise']['mixed_noise']:g} in image-to-video): (a) VAE PSNR {r['vae_psnr']:.1f} dB (>= "
         f"{GATES['vae_psnr']}); (b) text-to-video on "
         f"{len(captions)} captions: mean err {r['t2v']['mean_err']:.2f} px (<= {GATES['t2v_err']}), jitter "
         f"{r['t2v']['jitter']:.2f} px (<= {GATES['t2v_jitter']}), background {r['t2v']['bg_psnr']:.1f} dB "
