@@ -1831,10 +1831,15 @@ class TestSample:
                 want = (eps_u + guidance * (eps_c - eps_u) if guidance > 1 else eps_c) + w * (eps_c - eps_w)
                 cond = ctx if guidance > 1 else ctx[1:]
                 got = S.guided_eps(pipe.unet, x, t, cond, guidance, a_t, "epsilon", stg=w)
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                # guided_eps runs the three branches as one batch of 3, this test as batches of 2 and 1: float32 sums
+                # then differ by ~1e-6 per branch (CPU kernels block by batch), and the formula multiplies them by up
+                # to 1 + guidance + w; the STG term itself is > 10x that tolerance, so a wrong formula still fails
+                atol = 1e-5 * (1 + guidance + w)
+                assert (w * (eps_c - eps_w)).abs().max() > 10 * atol
+                torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
             assert all(m.skip is None for m in pipe.unet.modules() if isinstance(m, S.MotionModule))  # restored
             torch.testing.assert_close(S.guided_eps(pipe.unet, x, t, ctx, 7.5, a_t, "epsilon"),
-                                       eps_u + 7.5 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)  # stg 0: plain CFG
+                                       eps_u + 7.5 * (eps_c - eps_u), atol=1e-5 * 8.5, rtol=1e-5)  # stg 0: CFG
 
     def test_encode_prompt_where_the_text_encoder_is(self, sd):
         """train.py moves the text encoder off the GPU; its periodic samples encode prompts all the same. Here the
